@@ -1,0 +1,214 @@
+"""Open-loop load generator: requests of a workload at Poisson (or burstier) arrival times.
+
+Each request streams through the official ``openai.AsyncOpenAI`` client; the generator records
+when it was sent, its first token, its end, its completion tokens and its status. Sending stops
+after ``n`` requests or ``duration`` seconds, whichever comes first; every request has its own
+timeout, so a run always ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import openai
+from tqdm import tqdm
+
+from bench.workloads import Request
+
+
+def arrival_times(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
+    """Send times (s) of ``n`` requests at mean ``rate`` per second.
+
+    Inter-arrival times are gamma distributed with shape ``1 / burstiness`` and mean ``1 / rate``:
+    burstiness 1 is a Poisson process, larger values are burstier, smaller ones more regular.
+    """
+    if rate <= 0 or burstiness <= 0:
+        raise ValueError("rate and burstiness must be positive")
+    shape = 1.0 / burstiness
+    return np.cumsum(rng.gamma(shape, 1.0 / (rate * shape), size=n))
+
+
+@dataclass
+class RequestRecord:
+    """What happened to one request; times are wall-clock seconds (``time.time()``)."""
+
+    id: str
+    app: str
+    max_tokens: int
+    send: float
+    first_token: float | None = None
+    end: float | None = None
+    completion_tokens: int | None = None  # usage.completion_tokens of the final chunk
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None
+    status: str = "ok"  # "ok", "http_<code>", "timeout", "connection" or an exception name
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+async def send_request(client: openai.AsyncOpenAI, model: str, req: Request) -> RequestRecord:
+    """Send one streaming chat completion and record its timings; never raises for API errors."""
+    rec = RequestRecord(req.id, req.app, req.max_tokens, send=time.time())
+    try:
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "system", "content": req.instruction}, {"role": "user", "content": req.input}],
+            max_tokens=req.max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for chunk in stream:
+            if chunk.choices:
+                choice = chunk.choices[0]
+                if rec.first_token is None and choice.delta.content:
+                    rec.first_token = time.time()
+                rec.finish_reason = choice.finish_reason or rec.finish_reason
+            if chunk.usage is not None:
+                rec.completion_tokens = chunk.usage.completion_tokens
+                rec.prompt_tokens = chunk.usage.prompt_tokens
+        rec.end = time.time()
+    except openai.APIStatusError as exc:
+        rec.status, rec.error = f"http_{exc.status_code}", str(exc)[:500]
+    except openai.APITimeoutError as exc:
+        rec.status, rec.error = "timeout", str(exc)[:500]
+    except openai.APIConnectionError as exc:
+        rec.status, rec.error = "connection", str(exc)[:500]
+    except (openai.OpenAIError, ValueError) as exc:
+        rec.status, rec.error = type(exc).__name__, str(exc)[:500]
+    return rec
+
+
+async def run_load(
+    client: openai.AsyncOpenAI,
+    model: str,
+    requests: Sequence[Request],
+    arrivals: Sequence[float],
+    duration: float | None = None,
+    progress: bool = True,
+) -> list[RequestRecord]:
+    """Send ``requests[i]`` at ``arrivals[i]`` seconds from now (open loop) until ``duration``.
+
+    Returns the records of the requests sent, in sending order, once all of them have ended.
+    """
+    start = time.time()
+    bar = tqdm(total=len(requests), unit="req", disable=not progress)
+    tasks: list[asyncio.Task[RequestRecord]] = []
+    for req, at in zip(requests, arrivals, strict=True):
+        if duration is not None and at > duration:
+            bar.total = len(tasks)
+            bar.refresh()
+            break
+        await asyncio.sleep(max(0.0, start + at - time.time()))
+        task = asyncio.create_task(send_request(client, model, req))
+        task.add_done_callback(lambda _: bar.update())
+        tasks.append(task)
+    records = await asyncio.gather(*tasks)
+    bar.close()
+    return list(records)
+
+
+def summary_stats(values: Sequence[float]) -> dict[str, float | None]:
+    """Mean, median, 95th and 99th percentiles (None for an empty list)."""
+    if len(values) == 0:
+        return {"mean": None, "p50": None, "p95": None, "p99": None}
+    a = np.asarray(values, dtype=float)
+    p50, p95, p99 = np.percentile(a, [50, 95, 99])
+    return {"mean": float(a.mean()), "p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+
+def batch_tokens(db: str, start: float, end: float) -> int:
+    """Total tokens of the batches in the server's SQLite log that started within [start, end]."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(total_tokens), 0) FROM batches WHERE start >= ? AND start <= ?", (start, end)
+        ).fetchone()
+    return int(row[0])
+
+
+@dataclass
+class Summary:
+    """Metrics of one run (seconds, requests per second, tokens per second)."""
+
+    sent: int
+    completed: int
+    errors: dict[str, int]
+    duration: float  # first send to last end
+    request_throughput: float
+    response_time: dict[str, float | None]
+    ttft: dict[str, float | None]
+    valid_tokens: int
+    valid_token_throughput: float
+    total_tokens: int | None = None  # from the server's batch log, when given
+    total_token_throughput: float | None = None
+    window: tuple[float, float] = field(default=(0.0, 0.0))  # wall-clock start and end
+
+
+def run_window(records: Sequence[RequestRecord]) -> tuple[float, float]:
+    """Wall-clock time of the first send and of the last end (the run's measurement window)."""
+    start = min((r.send for r in records), default=0.0)
+    return start, max([r.end for r in records if r.end is not None] + [start])
+
+
+def summarize(records: Sequence[RequestRecord], total_tokens: int | None = None) -> Summary:
+    """Throughputs, response-time and time-to-first-token statistics of a run.
+
+    ``total_tokens``: tokens the server computed in the run window (see ``batch_tokens``).
+    """
+    done = [r for r in records if r.ok and r.end is not None]
+    start, end = run_window(records)
+    duration = end - start
+
+    def rate(x: float) -> float:
+        return x / duration if duration > 0 else 0.0
+
+    valid = sum(r.completion_tokens or 0 for r in done)
+    return Summary(
+        sent=len(records),
+        completed=len(done),
+        errors=dict(Counter(r.status for r in records if not r.ok)),
+        duration=duration,
+        request_throughput=rate(len(done)),
+        response_time=summary_stats([r.end - r.send for r in done if r.end is not None]),
+        ttft=summary_stats([r.first_token - r.send for r in done if r.first_token is not None]),
+        valid_tokens=valid,
+        valid_token_throughput=rate(valid),
+        total_tokens=total_tokens,
+        total_token_throughput=None if total_tokens is None else rate(total_tokens),
+        window=(start, end),
+    )
+
+
+def summary_table(s: Summary) -> str:
+    """The summary as a markdown table."""
+
+    def f(x: float | None, unit: str = " s") -> str:
+        return "n/a" if x is None else f"{x:.3f}{unit}"
+
+    rt, ttft = s.response_time, s.ttft
+    rows = [
+        ("requests sent / completed", f"{s.sent} / {s.completed}"),
+        ("errors", ", ".join(f"{k}: {v}" for k, v in sorted(s.errors.items())) or "none"),
+        ("duration", f(s.duration)),
+        ("request throughput", f(s.request_throughput, " req/s")),
+        ("response time mean / p50", f"{f(rt['mean'])} / {f(rt['p50'])}"),
+        ("response time p95 / p99", f"{f(rt['p95'])} / {f(rt['p99'])}"),
+        ("TTFT mean / p95", f"{f(ttft['mean'])} / {f(ttft['p95'])}"),
+        ("valid-token throughput", f(s.valid_token_throughput, " tok/s")),
+        ("total-token throughput", f(s.total_token_throughput, " tok/s")),
+    ]
+    return "\n".join(["| metric | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def result_json(config: dict, summary: Summary, records: Sequence[RequestRecord]) -> dict:
+    """The JSON document of a run: its configuration, summary and per-request records."""
+    return {"config": config, "summary": asdict(summary), "requests": [asdict(r) for r in records]}

@@ -1,0 +1,197 @@
+"""``magnus predictor ...``: train a length-predictor model file, evaluate it, show its metadata.
+
+``register(sub)`` adds the ``predictor`` command to the console script's subparsers; every leaf
+sets ``func(args) -> int``. ``python -m predictor.cli ...`` runs the same commands standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from predictor.data import Row, load_jsonl, load_request_log
+from predictor.embedder import Embedder
+from predictor.evaluate import (
+    AppLinearBaseline,
+    AppMeanBaseline,
+    LinearBaseline,
+    evaluate_groups,
+    finalize,
+    markdown_tables,
+)
+from predictor.features import FeatureExtractor
+from predictor.forest import ForestParams, LengthForest
+from predictor.trainset import TrainingSet
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``predictor train | eval | info`` to an argparse subparsers object."""
+    p = sub.add_parser("predictor", help="generation-length predictor: train, evaluate, inspect")
+    leaves = p.add_subparsers(dest="predictor_cmd", required=True)
+
+    t = leaves.add_parser("train", help="train a model file from the request log or a JSONL file")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-log", metavar="DB", help="the service's SQLite request log (status = 'ok' rows)")
+    src.add_argument("--from-jsonl", metavar="FILE",
+                     help="JSONL rows: instruction, input, input_tokens, output_tokens[, app, max_tokens]")
+    t.add_argument("--out", required=True, metavar="MODEL", help="model file to write (joblib)")
+    t.add_argument("--embedder", default="default",
+                   help="'default' (bundled all-MiniLM-L6-v2), sentence-transformers/LaBSE, a path or hub id")
+    t.add_argument("--device", default="cpu", help="embedder device (default: cpu)")
+    t.add_argument("--n-estimators", type=int, default=100)
+    t.add_argument("--max-depth", type=int, default=None)
+    t.add_argument("--min-samples-leaf", type=int, default=1)
+    t.add_argument("--quantile", type=float, default=0.9, help="high quantile of the per-tree predictions")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--n-jobs", type=int, default=1)
+    t.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of rows kept out of training to measure the model (stored in its metadata)")
+    t.add_argument("--drop-truncated", action="store_true",
+                   help="with --from-log: leave out requests stopped by their max_tokens")
+    t.add_argument("--limit", type=int, default=None, help="use at most this many rows (first ones)")
+    t.set_defaults(func=cmd_train)
+
+    e = leaves.add_parser("eval", help="evaluate a model file against true lengths, with baselines")
+    e.add_argument("file", metavar="FILE", help="JSONL rows with true output_tokens")
+    e.add_argument("--model", required=True, metavar="MODEL")
+    e.add_argument("--train", metavar="FILE",
+                   help="JSONL to fit the baselines on (default: the training rows stored in the model)")
+    e.add_argument("--embedder", default=None,
+                   help="embedder to load (default: the one recorded in the model; must match it)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--quantile", type=float, default=None, help="override the model's high quantile")
+    e.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    i = leaves.add_parser("info", help="print a model file's metadata")
+    i.add_argument("model", metavar="MODEL")
+    i.set_defaults(func=cmd_info)
+
+
+def _featurize(rows: Sequence[Row], embedder: Embedder) -> np.ndarray:
+    return FeatureExtractor(embedder).transform([r.app_text for r in rows], [r.user_text for r in rows],
+                                                [r.input_tokens for r in rows], show_progress=True)
+
+
+def _predict_rows(forest: LengthForest, rows: Sequence[Row], X: np.ndarray,
+                  quantile: float | None) -> tuple[np.ndarray, np.ndarray]:
+    point, high = forest.predict(X, quantile)
+    caps = [r.max_tokens for r in rows]
+    point = finalize(point, caps)
+    return point, np.maximum(point, finalize(np.ceil(high), caps))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train and save a model file; prints a short summary."""
+    params = ForestParams(n_estimators=args.n_estimators, max_depth=args.max_depth,
+                          min_samples_leaf=args.min_samples_leaf, quantile=args.quantile, seed=args.seed,
+                          n_jobs=args.n_jobs)
+    rows = (load_request_log(args.from_log, drop_truncated=args.drop_truncated, limit=args.limit)
+            if args.from_log else load_jsonl(args.from_jsonl)[: args.limit])
+    if not rows:
+        print("no rows to train on", file=sys.stderr)
+        return 1
+    if not 0.0 <= args.holdout < 1.0:
+        print("--holdout must be in [0, 1)", file=sys.stderr)
+        return 2
+    order = np.random.default_rng(args.seed).permutation(len(rows))
+    n_hold = int(round(args.holdout * len(rows)))
+    hold = [rows[i] for i in order[:n_hold]]
+    fit_rows = [rows[i] for i in sorted(order[n_hold:])]
+    if not fit_rows:
+        print("nothing left to train on after --holdout", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    embedder = Embedder(args.embedder, device=args.device)
+    X = _featurize(fit_rows, embedder)
+    train = TrainingSet(embedder.name, embedder.dim, X, np.array([r.output_tokens for r in fit_rows]),
+                        [r.app_text for r in fit_rows])
+    forest = LengthForest.fit(train, params, show_progress=True)
+    if hold:
+        point, high = _predict_rows(forest, hold, _featurize(hold, embedder), None)
+        m = evaluate_groups(["all"] * len(hold), np.array([r.output_tokens for r in hold]),
+                            {"forest": point}, {"forest": high})["overall"]["forest"]
+        forest.meta.metrics.update(
+            {f"holdout_{k}": float(v) for k, v in m.as_dict().items() if v is not None})
+    forest.save(args.out)
+    metrics = ", ".join(f"{k} {v:.3g}" for k, v in forest.meta.metrics.items())
+    elapsed = time.perf_counter() - started
+    print(f"trained on {len(train)} rows with {embedder.name} in {elapsed:.1f}s: {metrics}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a model file and the baselines on a JSONL file; prints markdown tables.
+
+    Baselines (linear on input length; per-application mean; per-application line) are fitted
+    on ``--train`` if given, else on the training rows stored in the model file. Every method's
+    prediction is rounded, at least 1, and capped by the row's ``max_tokens`` when present.
+    """
+    forest = LengthForest.load(args.model)
+    embedder = Embedder(args.embedder or forest.meta.embedder, device=args.device)
+    if embedder.name != forest.meta.embedder or embedder.dim != forest.meta.dim:
+        forest = LengthForest.load(args.model, embedder.name, embedder.dim)  # raises the mismatch
+    rows = load_jsonl(args.file)
+    if not rows:
+        print("no rows to evaluate", file=sys.stderr)
+        return 1
+    if args.train:
+        base_rows = load_jsonl(args.train)
+        b_apps, b_x = [r.app_text for r in base_rows], np.array([r.input_tokens for r in base_rows])
+        b_y = np.array([r.output_tokens for r in base_rows])
+    elif forest.train is not None and len(forest.train):
+        b_apps, b_x, b_y = forest.train.apps, forest.train.input_tokens, forest.train.y
+    else:
+        print("the model holds no training rows; pass --train FILE for the baselines", file=sys.stderr)
+        return 2
+    quantile = args.quantile if args.quantile is not None else forest.quantile
+    true = np.array([r.output_tokens for r in rows], dtype=np.float64)
+    apps = [r.app_text for r in rows]
+    x = np.array([r.input_tokens for r in rows], dtype=np.float64)
+    caps = [r.max_tokens for r in rows]
+    point, high = _predict_rows(forest, rows, _featurize(rows, embedder), quantile)
+    methods = {
+        "predictor": point,
+        "linear(input)": finalize(LinearBaseline(b_x, b_y).predict(x), caps),
+        "app mean": finalize(AppMeanBaseline(b_apps, b_y).predict(apps), caps),
+        "app linear(input)": finalize(AppLinearBaseline(b_apps, b_x, b_y).predict(apps, x), caps),
+    }
+    results = evaluate_groups([r.group for r in rows], true, methods, {"predictor": high})
+    print(markdown_tables(results, quantile))
+    if args.json:
+        payload: dict[str, Any] = {
+            "model": args.model, "eval_file": args.file,
+            "baselines_fit_on": args.train or "model training rows",
+            "quantile": quantile, "meta": asdict(forest.meta),
+            "results": {g: {m: v.as_dict() for m, v in by.items()} for g, by in results.items()},
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a model file's metadata as JSON."""
+    forest = LengthForest.load(args.model)
+    print(json.dumps(asdict(forest.meta), indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point: ``python -m predictor.cli predictor train ...``."""
+    parser = argparse.ArgumentParser(prog="magnus")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

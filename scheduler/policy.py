@@ -1,0 +1,64 @@
+"""The policy interface the service (and the simulator) calls."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from scheduler.types import Batch, BatchOutcome, SchedRequest
+
+
+class Policy(ABC):
+    """A batching/scheduling policy. Pure: time is always passed in, nothing runs on its own.
+
+    The caller's loop is: ``on_arrival`` for each request; whenever a worker is idle,
+    ``next_batch``; when a batch finishes, ``on_batch_done``; when it runs out of memory,
+    ``on_batch_oom`` (the policy decides whether to split and requeue).
+    ``next_wakeup`` tells the caller when to call ``next_batch`` again even if nothing arrives
+    (e.g. a partial batch whose maximum wait expires).
+    """
+
+    name: str = "base"
+    #: whether the service must fill ``SchedRequest.predicted_tokens`` before ``on_arrival``
+    needs_prediction: bool = False
+
+    @abstractmethod
+    def on_arrival(self, req: SchedRequest, now: float) -> None:
+        """A request arrived."""
+
+    @abstractmethod
+    def next_batch(self, worker: int, now: float) -> Batch | None:
+        """Worker ``worker`` is idle: the batch it should run now, or None to wait."""
+
+    def next_wakeup(self, now: float) -> float | None:
+        """The earliest time at which ``next_batch`` may return a batch with no new arrival."""
+        return None
+
+    def on_batch_done(self, outcome: BatchOutcome, now: float) -> None:
+        """A batch finished; learners may use its true lengths and time."""
+        return None
+
+    def on_batch_oom(self, batch: Batch, now: float) -> list[SchedRequest]:
+        """A batch ran out of memory. Requeue what can be retried; return the requests that
+        must fail (default: split in halves and requeue; a lone request fails)."""
+        if batch.size <= 1:
+            return list(batch.requests)
+        half = batch.size // 2
+        for part in (batch.requests[:half], batch.requests[half:]):
+            self.requeue(Batch(requests=part, created=batch.created, retries=batch.retries + 1), now)
+        return []
+
+    @abstractmethod
+    def requeue(self, batch: Batch, now: float) -> None:
+        """Put a batch back into the waiting queue, keeping its requests' arrival times."""
+
+    @abstractmethod
+    def cancel(self, request_id: str, now: float) -> bool:
+        """Remove a waiting request; True if it was waiting (and is now gone)."""
+
+    @abstractmethod
+    def waiting(self) -> int:
+        """Number of waiting requests."""
+
+    def waiting_tokens(self) -> int:
+        """Prompt plus max tokens of all waiting requests (for backpressure)."""
+        return 0

@@ -1,0 +1,47 @@
+"""The `magnus` command: serve, predictor, bench, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from service.settings import add_arguments, from_args
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = from_args(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="magnus", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(serve)
+    serve.set_defaults(func=_serve)
+    for mod in ("predictor.cli", "bench.cli"):  # optional tool packages register their own subcommands
+        try:
+            importlib.import_module(mod).register(sub)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

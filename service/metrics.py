@@ -1,0 +1,30 @@
+"""Prometheus metrics (prefix magnus_), on a registry of their own per app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LAT = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("magnus_requests", "finished requests by status", ["status"], registry=r)
+        self.latency = Histogram("magnus_request_latency_seconds", "end-to-end latency", buckets=_LAT, registry=r)
+        self.queue_time = Histogram("magnus_queue_time_seconds", "arrival to dispatch", buckets=_LAT, registry=r)
+        self.ttft = Histogram("magnus_time_to_first_token_seconds", "arrival to first token", buckets=_LAT, registry=r)
+        self.batch_size = Histogram(
+            "magnus_batch_size", "requests per dispatched batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.batches = Counter("magnus_batches", "finished batches by outcome", ["outcome"], registry=r)
+        self.waiting = Gauge("magnus_waiting_requests", "requests waiting for a batch", registry=r)
+        self.running = Gauge("magnus_running_requests", "requests in running batches", registry=r)
+        self.prompt_tokens = Counter("magnus_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("magnus_generation_tokens", "valid generated tokens", registry=r)
+        self.batch_total_tokens = Counter(
+            "magnus_batch_total_tokens", "all tokens computed by batches, wasted ones included", registry=r
+        )
+        self.cancelled = Counter("magnus_cancelled_requests", "requests cancelled by the client", ["stage"], registry=r)
+        self.predictions = Counter("magnus_predictions", "length predictions by source", ["source"], registry=r)
+        self.worker_restarts = Counter("magnus_worker_restarts", "worker processes restarted", registry=r)

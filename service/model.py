@@ -1,0 +1,75 @@
+"""What the service knows about the served model: tokenizer, context window, KV bytes per token."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.settings import Settings
+from worker.loader import load_tokenizer, materialize, pick_device, pick_dtype, resolve
+from worker.process import WorkerConfig
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    local_dir: str
+    tokenizer: Any
+    config: Any  # transformers PretrainedConfig
+    max_model_len: int
+    device: str
+    dtype_bytes: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    #: optional length predictor hook: Submission -> (tokens, high, source); set by the policy builder
+    predict: Callable[[Any], tuple[int, int, str]] | None = None
+
+    def encode_chat(self, messages: list[dict[str, str]], user_text: str) -> tuple[list[int], int]:
+        """Prompt ids of a chat (the tokenizer's chat template) and the user text's token count."""
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:  # a base model without a template: plain "role: content" lines
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+            ids = self.tokenizer.encode(text)
+        return ids, len(self.tokenizer.encode(user_text, add_special_tokens=False))
+
+    def encode_text(self, prompt: str, user_text: str) -> tuple[list[int], int]:
+        ids = self.tokenizer.encode(prompt) if prompt else []
+        return ids, len(self.tokenizer.encode(user_text, add_special_tokens=False))
+
+
+def load_model_info(settings: Settings) -> ModelInfo:
+    """Materialize the weights (GGUF converted and cached once), load tokenizer and config."""
+    from transformers import AutoConfig
+
+    src = resolve(settings.model, settings.served_model_name)
+    local = materialize(src, settings.cache_dir)
+    tok = load_tokenizer(local)
+    cfg = AutoConfig.from_pretrained(local)
+    ctx = settings.max_model_len or getattr(cfg, "max_position_embeddings", None) or 2048
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    return ModelInfo(name=src.name, local_dir=local, tokenizer=tok, config=cfg, max_model_len=int(ctx),
+                     device=device, dtype_bytes=dtype.itemsize)
+
+
+def worker_configs(settings: Settings, info: ModelInfo) -> list[WorkerConfig]:
+    """One worker per CUDA device (or ``num_workers``); on CPU one worker unless configured."""
+    if info.device.startswith("cuda"):
+        import torch
+
+        n = settings.num_workers or torch.cuda.device_count()
+        devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(n)] if info.device == "cuda" else [info.device] * n
+    else:
+        devices = ["cpu"] * (settings.num_workers or 1)
+    quant = settings.quantize
+    if settings.policy == "vsq" and quant == "none":
+        quant = "4bit" if info.device.startswith("cuda") else "int8"
+    return [
+        WorkerConfig(model_dir=info.local_dir, device=d, dtype=settings.dtype, quantize=quant,
+                     threads=settings.worker_threads, mem_cap_bytes=settings.mem_cap_bytes,
+                     oom_every=settings.oom_every)
+        for d in devices
+    ]

@@ -1,0 +1,133 @@
+"""OpenAI-compatible request and response schemas (the HTTP edge: pydantic only here)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, gt=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (0 only)")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (0 only)")
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        if v is None:
+            return []
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+
+class CompletionRequest(_SamplingParams):
+    """POST /v1/completions. ``instruction`` (extension): application-level text for the predictor,
+    prepended to each prompt with a blank line."""
+
+    prompt: str | list[str]
+    instruction: str | None = None
+    max_tokens: int | None = Field(16, gt=0)
+    echo: bool = Field(False, description="not supported")
+    logprobs: int | None = Field(None, le=0, description="not supported")
+    suffix: str | None = Field(None, max_length=0, description="not supported")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt list must not be empty")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_SamplingParams):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, gt=0)
+    logprobs: bool = Field(False, description="not supported")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("logprobs is not supported")
+        return v
+
+    @model_validator(mode="after")
+    def _limit(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def completion_body(rid: str, model: str, choices: list[dict[str, Any]], usage: Usage | None) -> dict[str, Any]:
+    return {
+        "id": rid, "object": "text_completion", "created": now_s(), "model": model,
+        "choices": choices, "usage": usage.model_dump() if usage else None,
+    }
+
+
+def chat_body(rid: str, model: str, choices: list[dict[str, Any]], usage: Usage | None, chunk: bool) -> dict[str, Any]:
+    return {
+        "id": rid, "object": "chat.completion.chunk" if chunk else "chat.completion", "created": now_s(),
+        "model": model, "choices": choices, "usage": usage.model_dump() if usage else None,
+    }

@@ -1,0 +1,134 @@
+"""One worker process per device, behind a pipe: batches in, token events and results out."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.types import BatchDone, GenBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerConfig:
+    """What a worker process needs to load and run its model."""
+
+    model_dir: str  # local directory (already materialized)
+    device: str  # "cpu", "cuda:0", ...
+    dtype: str = "auto"
+    quantize: str = "none"  # none | int8 | 4bit
+    threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
+    mem_cap_bytes: int | None = None  # fault injection: KV cache cap below the real memory
+    oom_every: int = 0  # fault injection: every Nth multi-request batch runs out of memory
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _main(conn, cfg: WorkerConfig) -> None:
+    """Worker process body: load, announce, then run batches until told to stop."""
+    try:
+        import torch
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        from worker.loader import load_model, load_tokenizer, pick_dtype
+        from worker.runner import BatchRunner
+
+        dtype = pick_dtype(cfg.dtype, cfg.device)
+        if cfg.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(cfg.device))
+        model = load_model(cfg.model_dir, cfg.device, dtype, cfg.quantize)
+        tok = load_tokenizer(cfg.model_dir)
+        c = model.config
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+        elem = torch.finfo(dtype).bits // 8
+        delta = 2 * c.num_hidden_layers * kv_heads * head_dim * elem
+        runner = BatchRunner(model, tok, cfg.device, delta, cfg.mem_cap_bytes, cfg.oom_every)
+        info: dict[str, Any] = {"pid": os.getpid(), "device": cfg.device, "delta": delta}
+        if cfg.device.startswith("cuda"):
+            free, total = torch.cuda.mem_get_info()
+            info.update(free_bytes=free, total_bytes=total)
+        conn.send(("ready", info))
+    except Exception:  # noqa: BLE001 - report any load failure to the parent, then exit
+        conn.send(("fatal", traceback.format_exc()))
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        batch: GenBatch = msg
+        try:
+            done = runner.run(batch, lambda evs: conn.send(("tokens", evs)))
+        except Exception:  # noqa: BLE001 - a failing batch must not kill the worker
+            done = BatchDone(results=[], stats=None, error=traceback.format_exc())  # type: ignore[arg-type]
+        conn.send(("done", done))
+
+
+class WorkerHandle:
+    """Parent-side handle of one worker process; ``on_message(kind, payload)`` is called from a
+    reader thread for every message (``ready``, ``tokens``, ``done``, ``fatal``, ``exit``)."""
+
+    def __init__(self, index: int, cfg: WorkerConfig, on_message: Callable[[int, str, Any], None]) -> None:
+        self.index = index
+        self.cfg = cfg
+        self._on_message = on_message
+        self._ctx = mp.get_context("spawn")
+        self.proc: mp.process.BaseProcess | None = None
+        self._conn = None
+        self._send_lock = threading.Lock()
+
+    def start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self.proc = self._ctx.Process(target=_main, args=(child, self.cfg), daemon=True, name=f"magnus-worker-{self.index}")
+        self.proc.start()
+        child.close()
+        self._conn = parent
+        threading.Thread(target=self._read, args=(parent, self.proc), daemon=True).start()
+
+    def _read(self, conn, proc) -> None:
+        while True:
+            try:
+                kind, payload = conn.recv()
+            except (EOFError, OSError):
+                proc.join(timeout=5)
+                self._on_message(self.index, "exit", proc.exitcode)
+                return
+            self._on_message(self.index, kind, payload)
+
+    def submit(self, batch: GenBatch) -> None:
+        """Send a batch; the worker must be idle."""
+        with self._send_lock:
+            assert self._conn is not None
+            self._conn.send(batch)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.kill()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the worker to exit after its current batch; kill it if it does not."""
+        if self.proc is None:
+            return
+        try:
+            with self._send_lock:
+                self._conn.send(None)
+        except (OSError, BrokenPipeError):
+            pass
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(2)
