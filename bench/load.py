@@ -19,7 +19,7 @@ import numpy as np
 import openai
 from tqdm import tqdm
 
-from bench.workloads import Request
+from bench.workloads import Request, chat_messages
 
 
 def arrival_times(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
@@ -61,7 +61,7 @@ async def send_request(client: openai.AsyncOpenAI, model: str, req: Request) -> 
     try:
         stream = await client.chat.completions.create(
             model=model,
-            messages=[{"role": "system", "content": req.instruction}, {"role": "user", "content": req.input}],
+            messages=chat_messages(req.instruction, req.input),
             max_tokens=req.max_tokens,
             temperature=0,
             stream=True,

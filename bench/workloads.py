@@ -73,6 +73,11 @@ class Request:
         return d
 
 
+def chat_messages(instruction: str, user_input: str) -> list[dict[str, str]]:
+    """The chat messages of a request: the instruction as system message, the input as user message."""
+    return [{"role": "system", "content": instruction}, {"role": "user", "content": user_input}]
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """All JSON objects of a JSONL file (blank lines skipped)."""
     with open(path, encoding="utf-8") as fh:

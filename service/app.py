@@ -10,18 +10,18 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import errors
+from service import errors, policies
 from service.engine import Engine, RequestState, Submission
 from service.errors import APIError
 from service.metrics import Metrics
 from service.model import ModelInfo, load_model_info, worker_configs
-from service.policies import build_policy
 from service.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -42,6 +42,7 @@ class AppState:
     info: ModelInfo | None = None
     engine: Engine | None = None
     request_log: RequestLog | None = None
+    learners: policies.Learners | None = None
     error: str | None = None
 
 
@@ -54,10 +55,16 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             state.info = await asyncio.to_thread(load_model_info, settings)
             state.request_log = RequestLog(settings.db_path)
-            policy = build_policy(settings, state.info)
+            learners = state.learners = await asyncio.to_thread(policies.build, settings, state.info)
+            policy = learners.policy
+            observe = None
+            if learners.predictor is not None:
+                state.info.predict = partial(policies.predict, learners)
+                observe = partial(policies.observe, learners)
             engine = Engine(policy, worker_configs(settings, state.info), state.request_log, state.metrics,
-                            state.info.name)
+                            state.info.name, observe=observe)
             await engine.start()
+            learners.start(settings.estimator_interval_s)
             state.engine = engine
             log.info("serving %s with policy %s", state.info.name, policy.name)
         except Exception as exc:  # noqa: BLE001 - reported through /health and the log
@@ -71,6 +78,8 @@ def create_app(settings: Settings) -> FastAPI:
         task.cancel()
         if state.engine is not None:
             await state.engine.stop()
+        if state.learners is not None:
+            await asyncio.to_thread(state.learners.stop)
         if state.request_log is not None:
             state.request_log.close()
         cpu.shutdown(wait=False, cancel_futures=True)

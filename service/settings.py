@@ -36,6 +36,15 @@ class Settings(BaseSettings):
     policy: Literal["vs", "vsq", "ccb", "glp", "abp", "magnus"] = Field("vs", description="batching policy")
     batch_size: int = Field(8, description="fixed batch size (vs, vsq, glp) / sanity cap")
     max_wait: float = Field(0.05, description="seconds a partial batch may wait for companions (vs)")
+    max_batch_size: int = Field(64, description="sanity cap on adaptive batch sizes (abp, magnus, ccb)")
+    phi: float | None = Field(None, description="WMA threshold Phi (default: the scheduler's, see scheduler/wma.py)")
+    kv_budget_bytes: int | None = Field(None, description="Theta: KV-cache bytes per worker (default: free CUDA memory less weights; 2 GiB on CPU)")
+    mem_reserve_frac: float = Field(0.1, description="share of free CUDA memory kept back from Theta")
+    embedder: str = Field("default", description="sentence embedder for the length predictor ('default': all-MiniLM-L6-v2, or sentence-transformers/LaBSE, or a path)")
+    predictor_model: Path | None = Field(None, description="length-predictor forest file (default: <state-dir>/predictor.joblib)")
+    predictor_interval_s: float = Field(180.0, description="continual learning period of the length predictor")
+    estimator_interval_s: float = Field(120.0, description="continual learning period of the batch-time estimator")
+    state_dir: Path = Field(DATA_DIR / "state", description="learners' persisted state")
     # request log
     db_path: Path = Field(DATA_DIR / "magnus.db", description="SQLite request/batch log")
     # fault injection
