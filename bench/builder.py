@@ -217,6 +217,7 @@ class Workload:
     all: list[Request]
     train: list[Request]
     test: list[Request]
+    tasks: list[dict] = field(default_factory=list)  # instruction, output ratio and input bounds
 
 
 def build_workload(config: BuildConfig) -> Workload:
@@ -238,6 +239,12 @@ def build_workload(config: BuildConfig) -> Workload:
         everything,
         [r for r in everything if r.id in train_ids],
         [r for r in everything if r.id not in train_ids],
+        [
+            {"app": t.app, "instruction": t.instruction, "output_ratio": round(t.output_ratio, 3),
+             "input_low": t.low, "input_high": t.high}
+            for app_tasks in tasks.values()
+            for t in app_tasks
+        ],
     )
 
 

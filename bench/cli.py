@@ -40,7 +40,7 @@ def cmd_workload(args: argparse.Namespace) -> int:
     for name in ("all", "train", "test"):
         write_jsonl(args.out / f"{name}.jsonl", (r.to_dict() for r in getattr(workload, name)))
     stats = workload_stats(workload.all)
-    (args.out / "stats.json").write_text(json.dumps({"config": vars(config), "apps": stats}, indent=1) + "\n")
+    (args.out / "stats.json").write_text(json.dumps({"config": vars(config), "apps": stats, "tasks": workload.tasks}, indent=1) + "\n")
     print("| app | requests | input tokens min | median | max | max_tokens median |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for app, s in stats.items():
@@ -103,15 +103,16 @@ def add_load(leaves: Subparsers) -> None:
 def cmd_load(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from bench.client import make_client, resolve_model
     from bench import load
+    from bench.client import make_client, resolve_model
     from bench.workloads import read_requests
 
     workload = read_requests(args.workload)
     n = args.n or len(workload)
     requests = [workload[i % len(workload)] for i in range(n)]
     if args.rate is not None:
-        arrivals = load.arrival_times(n, args.rate, args.burstiness, np.random.default_rng(args.seed)).tolist()
+        rng = np.random.default_rng(args.seed)
+        arrivals = load.arrival_times(n, args.rate, args.burstiness, rng).tolist()
     elif all(r.arrival is not None for r in requests) and n <= len(workload):
         arrivals = [float(r.arrival) for r in requests]  # type: ignore[arg-type]
     else:

@@ -132,7 +132,7 @@ _CLOSERS = [
 _INTERJECTIONS = [" Obviously, you moron.", " Duh.", " Are you even listening, idiot?", " Unbelievable.",
                   " Pathetic.", " Use your damn head."]
 _INTENSIFIERS = ["damn", "stupid", "freaking", "goddamn", "crappy", "bloody", "idiotic", "lousy", "useless"]
-_DETERMINERS = {"the", "this", "that", "your", "a", "these", "those", "its", "their"}
+_DETERMINERS = {"the", "your", "these", "those", "its", "their"}
 
 
 def make_rude(text: str, rng: np.random.Generator, per_words: int = 25) -> str:

@@ -85,11 +85,19 @@ def sentences(paragraph: str) -> list[str]:
     return out
 
 
+def _wordy(text: str) -> bool:
+    chars = [c for c in text if not c.isspace()]
+    return len(chars) >= 2 and sum(c.isalpha() for c in chars) >= 0.6 * len(chars)
+
+
 def paragraphs_to_document(paragraphs: list[str]) -> Document:
-    """Sentences of the paragraphs as units: a space between sentences, a blank line between paragraphs."""
+    """Sentences of the paragraphs as units: a space between sentences, a blank line between paragraphs.
+
+    Pieces that are not words (markup left over, numbers) are dropped.
+    """
     doc: Document = []
     for paragraph in paragraphs:
-        for k, sentence in enumerate(sentences(paragraph)):
+        for k, sentence in enumerate(s for s in sentences(paragraph) if _wordy(s)):
             doc.append((" " if k else "\n\n", sentence))
     return doc
 
