@@ -199,13 +199,14 @@ def _scaled(transform: Transform, ratio: float) -> Transform:
     return scaled
 
 
-def make_request(task: Task, rid: str, rng: np.random.Generator, tries: int = 20) -> Request:
-    """One request of a task, its input drawn at a log-uniform target length."""
+def make_request(task: Task, rid: str, rng: np.random.Generator, seen: set[str], tries: int = 20) -> Request:
+    """One request of a task, its input drawn at a log-uniform target length and not in ``seen``."""
     for _ in range(tries):
         target = round(math.exp(rng.uniform(math.log(task.low), math.log(task.high))))
         made = task.transform(task.corpus.sample(target, rng), rng)
-        if made is not None:
+        if made is not None and made[0] not in seen:
             text, expected = made
+            seen.add(text)
             return Request(rid, task.app, task.instruction, text, max_tokens_for(expected))
     raise RuntimeError(f"no usable input for {task.instruction!r} after {tries} tries")
 
@@ -227,10 +228,11 @@ def build_workload(config: BuildConfig) -> Workload:
     per_app, extra = divmod(config.n, len(APPS))
     made: list[Request] = []
     train_ids: set[str] = set()
+    seen: set[str] = set()
     for k, (app, abbrev) in enumerate(APPS.items()):
         n_app = per_app + (k < extra)
         cycle = tasks[app]  # directions of an application take turns
-        of_app = [make_request(cycle[i % len(cycle)], f"{abbrev.lower()}-{i:04d}", rng) for i in range(n_app)]
+        of_app = [make_request(cycle[i % len(cycle)], f"{abbrev.lower()}-{i:04d}", rng, seen) for i in range(n_app)]
         n_train = round(config.train_fraction * n_app)
         train_ids.update(of_app[i].id for i in rng.permutation(n_app)[:n_train])
         made += of_app
