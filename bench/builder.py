@@ -67,6 +67,7 @@ class BuildConfig:
     english_man_pages: int = 300  # evenly spaced over the ~3,000 non-gcloud English pages
     translated_man_pages: int = 0  # per language; 0 = all
     stdlib_files: int = 0  # 0 = all standard library modules
+    catalogs: int = 0  # gettext catalogs per language; 0 = all
     languages: tuple[str, ...] = ("fr", "de", "es", "ru", "zh")
 
     def __post_init__(self) -> None:
@@ -126,7 +127,7 @@ def build_tasks(config: BuildConfig, count: _Counter) -> dict[str, list[Task]]:
     )
     code = Corpus.from_documents("python-functions", functions, count)
 
-    pairs = {lang: sources.catalog_pairs(lang) for lang in config.languages}
+    pairs = {lang: sources.catalog_pairs(lang, config.catalogs) for lang in config.languages}
     english_messages = sorted({en for lang_pairs in pairs.values() for en, _ in lang_pairs})
     english = Corpus.from_documents("english-mt", english_man + _singletons(english_messages), count)
 

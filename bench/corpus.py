@@ -55,7 +55,7 @@ class Corpus:
         return len(self.texts)
 
     def sample(self, target: int, rng: np.random.Generator) -> str:
-        """Consecutive units of one document totalling about ``target`` tokens (at most 1.25x).
+        """Consecutive units of one document of about ``target`` tokens (units at most 1.25x).
 
         Starts at a random unit not used before that fits the target and, where possible, has
         enough text after it; short targets thus get short units, long ones runs of units.

@@ -100,15 +100,13 @@ def _grammar_candidates(text: str, kind: str) -> list[Edit]:
 def inject_grammar_errors(text: str, rng: np.random.Generator, per_words: int = 12) -> tuple[str, int]:
     """Text with about one error per ``per_words`` words (at least one); returns it and the count."""
     wanted = max(1, round(len(_WORD.findall(text)) / per_words))
-    kinds = list(GRAMMAR_ERRORS)
-    candidates = {kind: _grammar_candidates(text, kind) for kind in kinds}
+    candidates = {kind: _grammar_candidates(text, kind) for kind in GRAMMAR_ERRORS}
+    kinds = [kind for kind in GRAMMAR_ERRORS if candidates[kind]]
     edits: list[Edit] = []
-    for _ in range(8 * wanted):
+    for _ in range(8 * wanted if kinds else 0):
         if len(edits) == wanted:
             break
         pool = candidates[str(_pick(rng, kinds))]
-        if not pool:
-            continue
         start, end, repl = pool[int(rng.integers(len(pool)))]
         if all(end <= s or start >= e for s, e, _ in edits):
             edits.append((start, end, repl))

@@ -66,15 +66,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model file to time (default: train one on synthetic data)")
     ap.add_argument("--embedder", default="default")
-    ap.add_argument("--train-rows", type=int, default=600)
+    ap.add_argument("--train-rows", type=int, default=300)
     ap.add_argument("--n-estimators", type=int, default=100)
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
 
-    embedder = Embedder(args.embedder)
+    embedder = Embedder(args.embedder, threads=args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
@@ -108,7 +109,8 @@ def main() -> int:
         lines.append(row("predict (cold start fallback)", b, timed(cold.predict, pools)))
     import torch
 
-    print(f"embedder {embedder.name} (d={embedder.dim}) on cpu, torch threads {torch.get_num_threads()}, "
+    threads = args.threads or torch.get_num_threads()
+    print(f"embedder {embedder.name} (d={embedder.dim}) on cpu, torch threads {threads}, "
           f"forest {forest.meta.params['n_estimators']} trees on {forest.meta.train_size} rows, "
           f"{args.reps} reps after 1 warm-up")
     print("\n".join(lines))

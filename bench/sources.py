@@ -45,6 +45,11 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])")
 _FORMAT_SPEC = re.compile(r"%[-+ #0-9.*]*[a-zA-Z]|%\(|[\\_&<>=@{}\[\]|/$`]")
 
 
+def _evenly(items: list, limit: int) -> list:
+    """Up to ``limit`` items evenly spaced in order (all for 0)."""
+    return items[:: max(1, len(items) // limit)][:limit] if limit else items
+
+
 def _script_fraction(text: str, lo: str, hi: str) -> float:
     chars = [c for c in text if not c.isspace()]
     return sum(lo <= c <= hi for c in chars) / max(1, len(chars))
@@ -130,9 +135,7 @@ def render_man(path: Path) -> list[str]:
 
 def man_documents(lang: str | None, limit: int) -> list[Document]:
     """Documents of up to ``limit`` man pages (evenly spaced in sorted order) in one language."""
-    pages = man_pages(lang)
-    step = max(1, len(pages) // limit) if limit else 1
-    chosen = pages[::step][:limit] if limit else pages
+    chosen = _evenly(man_pages(lang), limit)
     with ThreadPoolExecutor(max_workers=2) as pool:
         rendered = list(pool.map(render_man, chosen))
     code = lang or "en"
@@ -150,12 +153,14 @@ def _clean_message(text: str) -> str | None:
     return text if sum(c.isalpha() for c in chars) / len(chars) >= 0.8 else None
 
 
-def catalog_pairs(lang: str) -> list[tuple[str, str]]:
-    """(English message, human translation) pairs of the machine's gettext catalogs for ``lang``."""
+def catalog_pairs(lang: str, limit: int = 0) -> list[tuple[str, str]]:
+    """(English message, human translation) pairs of the machine's gettext catalogs for ``lang``.
+
+    ``limit``: read only that many catalogs, evenly spaced in sorted order (0: all).
+    """
     pairs: dict[str, str] = {}
-    for path in sorted((LOCALE_ROOT / LOCALE_DIRS[lang] / "LC_MESSAGES").glob("*.mo")):
-        if path.name.startswith(NAME_CATALOGS):
-            continue
+    catalogs = sorted((LOCALE_ROOT / LOCALE_DIRS[lang] / "LC_MESSAGES").glob("*.mo"))
+    for path in _evenly([p for p in catalogs if not p.name.startswith(NAME_CATALOGS)], limit):
         try:
             with path.open("rb") as fh:
                 catalog = gettext.GNUTranslations(fh)._catalog  # type: ignore[attr-defined]
@@ -164,7 +169,8 @@ def catalog_pairs(lang: str) -> list[tuple[str, str]]:
         for msgid, msgstr in catalog.items():
             if not isinstance(msgid, str):  # plural forms are keyed (msgid, n)
                 continue
-            en, tr = _clean_message(msgid), _clean_message(msgstr)
+            # a message with a context is keyed "context\x04message"
+            en, tr = _clean_message(msgid.rpartition("\x04")[2]), _clean_message(msgstr)
             if not (en and tr and en != tr and len(en.split()) >= 2 and in_language(en, "en")):
                 continue
             # short Latin-script messages have too few function words to test; scripts are checked
@@ -182,8 +188,7 @@ def stdlib_files(limit: int = 0) -> list[Path]:
     files = sorted(
         p for p in root.rglob("*.py") if not _SKIP_PY_DIRS & set(p.relative_to(root).parts[:-1])
     )
-    step = max(1, len(files) // limit) if limit else 1
-    return files[::step][:limit] if limit else files
+    return _evenly(files, limit)
 
 
 def _parse(path: Path) -> tuple[ast.Module, list[str]] | None:

@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--embedder", default="default",
                    help="'default' (bundled all-MiniLM-L6-v2), sentence-transformers/LaBSE, a path or hub id")
     t.add_argument("--device", default="cpu", help="embedder device (default: cpu)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
     t.add_argument("--n-estimators", type=int, default=100)
     t.add_argument("--max-depth", type=int, default=None)
     t.add_argument("--min-samples-leaf", type=int, default=1)
@@ -66,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("--embedder", default=None,
                    help="embedder to load (default: the one recorded in the model; must match it)")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
     e.add_argument("--quantile", type=float, default=None, help="override the model's high quantile")
     e.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     e.set_defaults(func=cmd_eval)
@@ -109,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("nothing left to train on after --holdout", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    embedder = Embedder(args.embedder, device=args.device)
+    embedder = Embedder(args.embedder, device=args.device, threads=args.threads)
     X = _featurize(fit_rows, embedder)
     train = TrainingSet(embedder.name, embedder.dim, X, np.array([r.output_tokens for r in fit_rows]),
                         [r.app_text for r in fit_rows])
@@ -136,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prediction is rounded, at least 1, and capped by the row's ``max_tokens`` when present.
     """
     forest = LengthForest.load(args.model)
-    embedder = Embedder(args.embedder or forest.meta.embedder, device=args.device)
+    embedder = Embedder(args.embedder or forest.meta.embedder, device=args.device, threads=args.threads)
     if embedder.name != forest.meta.embedder or embedder.dim != forest.meta.dim:
         forest = LengthForest.load(args.model, embedder.name, embedder.dim)  # raises the mismatch
     rows = load_jsonl(args.file)

@@ -59,6 +59,7 @@ class PredictorConfig:
     min_train: int = 20  # below this, stay on the fallback
     seed: int = 0
     device: str | None = "cpu"  # embedder device (None: sentence-transformers picks)
+    embed_threads: int | None = None  # torch threads while embedding (None: torch's default)
     n_jobs: int = 1  # forest threads (fit and predict)
     app_cache_size: int = 1024  # LRU entries for application-text embeddings
 
@@ -123,7 +124,8 @@ class LengthPredictor:
         present. Raises ``ModelMismatchError`` if either was built for another embedder or
         feature version."""
         self.cfg = cfg
-        self.embedder = embedder or Embedder(cfg.embedder, device=cfg.device, cache_size=cfg.app_cache_size)
+        self.embedder = embedder or Embedder(cfg.embedder, device=cfg.device, cache_size=cfg.app_cache_size,
+                                             threads=cfg.embed_threads)
         self._features = FeatureExtractor(self.embedder)
         self._lock = threading.Lock()  # guards the state below; never held while embedding/fitting
         self._retrain_lock = threading.Lock()  # one retrain (or final persist) at a time

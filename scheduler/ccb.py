@@ -128,6 +128,10 @@ class CCBPolicy(Policy):
         for r in outcome.batch.requests:
             self.release(r.id)
 
+    def on_batch_failed(self, batch: Batch, now: float) -> None:
+        for r in batch.requests:
+            self.release(r.id)
+
     def on_batch_oom(self, batch: Batch, now: float) -> list[SchedRequest]:
         for r in batch.requests:
             self.release(r.id)
@@ -135,6 +139,8 @@ class CCBPolicy(Policy):
 
     def requeue(self, batch: Batch, now: float) -> None:
         """Back to the head of the queue, oldest first (they arrived before anything waiting)."""
+        for r in batch.requests:
+            self.release(r.id)
         for r in sorted(batch.requests, key=lambda r: r.arrival, reverse=True):
             self._queue.appendleft(r)
 

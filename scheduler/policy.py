@@ -47,6 +47,10 @@ class Policy(ABC):
             self.requeue(Batch(requests=part, created=batch.created, retries=batch.retries + 1), now)
         return []
 
+    def on_batch_failed(self, batch: Batch, now: float) -> None:
+        """A batch failed for a reason other than memory; its requests are failed by the caller."""
+        return None
+
     @abstractmethod
     def requeue(self, batch: Batch, now: float) -> None:
         """Put a batch back into the waiting queue, keeping its requests' arrival times."""

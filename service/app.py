@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import errors, policies
+from service import auth, errors, limits, policies
 from service.engine import Engine, RequestState, Submission
 from service.errors import APIError
 from service.metrics import Metrics
@@ -44,6 +44,7 @@ class AppState:
     request_log: RequestLog | None = None
     learners: policies.Learners | None = None
     error: str | None = None
+    draining: bool = False  # set on SIGTERM (service/shutdown.py): new requests get 503
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -88,8 +89,14 @@ def create_app(settings: Settings) -> FastAPI:
                   description="OpenAI-compatible LLM serving with predictive batching")
     app.state.magnus = state
     errors.install(app)
+    app.add_middleware(limits.BodySizeLimit, max_bytes=settings.max_request_bytes, metrics=state.metrics)
+    guard = auth.dependencies(settings.api_keys, state.metrics)  # empty without --api-key
+    ops_guard = guard if settings.auth_health_metrics else []
 
     def engine() -> tuple[Engine, ModelInfo]:
+        if state.draining:
+            state.metrics.rejected.labels("shutting_down").inc()
+            raise limits.shutting_down(settings)
         if state.engine is None or state.info is None:
             raise APIError(503, state.error or "model is loading", code="not_ready")
         return state.engine, state.info
@@ -99,18 +106,22 @@ def create_app(settings: Settings) -> FastAPI:
             raise APIError(404, f"model '{name}' does not exist; this server serves '{info.name}'",
                            param="model", code="model_not_found")
 
-    @app.get("/health")
+    @app.get("/health", dependencies=ops_guard)
     async def health() -> JSONResponse:
+        if state.draining:
+            return JSONResponse({"status": "draining", "detail": "shutting down"}, status_code=503)
         if state.engine is None:
             return JSONResponse({"status": "error" if state.error else "loading", "detail": state.error},
                                 status_code=503)
-        return JSONResponse({"status": "ok", "model": state.info.name if state.info else None})
+        workers = [{"pid": w.get("pid"), "device": w.get("device")} for w in state.engine.worker_info()]
+        return JSONResponse({"status": "ok", "model": state.info.name if state.info else None,
+                             "workers": workers, "pending": state.engine.pending})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=ops_guard)
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=guard)
     async def models() -> dict[str, Any]:
         eng, info = engine()
         return {"object": "list", "data": [{
@@ -163,16 +174,31 @@ def create_app(settings: Settings) -> FastAPI:
     def eng_needs_prediction() -> bool:
         return state.engine is not None and state.engine.policy.needs_prediction
 
-    async def wait_done(st: RequestState, request: Request, eng: Engine) -> tuple[str, Any]:
-        """The request's final event; cancels it if the client disconnects first."""
+    def expire(states: list[RequestState], eng: Engine) -> APIError:
+        """Cancel ``states`` in the engine with the timeout error (each gets it as its final event)."""
+        err = limits.timed_out(settings.request_timeout_s)
+        for st in states:
+            eng.cancel(st.sub.id, err)
+        return err
+
+    async def wait_done(st: RequestState, request: Request, eng: Engine, deadline: float | None,
+                        group: list[RequestState]) -> tuple[str, Any]:
+        """The request's final event; cancels it if the client disconnects first, and the whole
+        ``group`` (one HTTP request's prompts) at ``deadline`` (loop time)."""
+        loop = asyncio.get_running_loop()
         text: list[str] = []
         while True:
+            timeout = 1.0
+            if deadline is not None and loop.time() < deadline:
+                timeout = min(timeout, deadline - loop.time())
             try:
-                kind, payload = await asyncio.wait_for(st.events.get(), timeout=1.0)
+                kind, payload = await asyncio.wait_for(st.events.get(), timeout=timeout)
             except TimeoutError:
                 if await request.is_disconnected():
                     eng.cancel(st.sub.id)
                     raise APIError(499, "client disconnected") from None
+                if deadline is not None and loop.time() >= deadline:
+                    expire(group, eng)  # the error arrives as this state's next event
                 continue
             if kind == "text":
                 text.append(payload)
@@ -180,7 +206,8 @@ def create_app(settings: Settings) -> FastAPI:
                 return kind, ("".join(text), payload)
 
     async def stream(states: list[RequestState], eng: Engine, chat: bool, include_usage: bool,
-                     model: str, rid: str) -> AsyncIterator[str]:
+                     model: str, rid: str, deadline: float | None) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, st: RequestState) -> None:
@@ -198,7 +225,12 @@ def create_app(settings: Settings) -> FastAPI:
                 yield _sse(chat_body(rid, model, [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                     "finish_reason": None}], None, chunk=True))
             while open_:
-                i, (kind, payload) = await merged.get()
+                try:
+                    left = None if deadline is None else max(0.0, deadline - loop.time())
+                    i, (kind, payload) = await asyncio.wait_for(merged.get(), timeout=left)
+                except TimeoutError:
+                    yield expire(states, eng).sse()
+                    break
                 if kind == "text":
                     choice = ({"index": i, "delta": {"content": payload}, "finish_reason": None} if chat
                               else {"index": i, "text": payload, "logprobs": None, "finish_reason": None})
@@ -227,22 +259,27 @@ def create_app(settings: Settings) -> FastAPI:
                 eng.cancel(st.sub.id)  # no-op for finished requests; drops abandoned ones
 
     async def run(request: Request, kind: str, body: CompletionRequest | ChatCompletionRequest):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.request_timeout_s if settings.request_timeout_s else None
         eng, info = engine()
         check_model(body.model, info)
+        prompts = [None] if kind == "chat" else [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        limits.admit(eng.policy, settings, state.metrics, len(prompts))  # cheap check before tokenizing
         if kind == "chat":
             subs = [await prepare(kind, body, info)]
         else:
             assert isinstance(body, CompletionRequest)
-            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             subs = [await prepare(kind, body, info, p) for p in prompts]
+        eng, info = engine()  # draining may have begun meanwhile
+        limits.admit(eng.policy, settings, state.metrics, len(subs), sum(len(s.prompt_ids) + s.max_tokens for s in subs))
         states = [eng.submit(s) for s in subs]
         rid = subs[0].id
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(states, eng, kind == "chat", include, info.name, rid),
+            return StreamingResponse(stream(states, eng, kind == "chat", include, info.name, rid, deadline),
                                      media_type="text/event-stream")
         try:
-            finals = [await wait_done(st, request, eng) for st in states]
+            finals = [await wait_done(st, request, eng, deadline, states) for st in states]
         finally:
             for st in states:
                 eng.cancel(st.sub.id)
@@ -262,11 +299,11 @@ def create_app(settings: Settings) -> FastAPI:
         return chat_body(rid, info.name, choices, usage, chunk=False) if kind == "chat" else completion_body(
             rid, info.name, choices, usage)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=guard)
     async def completions(body: CompletionRequest, request: Request):
         return await run(request, "completion", body)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=guard)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await run(request, "chat", body)
 

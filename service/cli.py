@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+from functools import partial
 
 from service.settings import add_arguments, from_args
 
@@ -14,11 +15,14 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.shutdown import GracefulServer, drain
 
     settings = from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=30)
+    GracefulServer(config, drain=partial(drain, app.state.magnus, settings.shutdown_timeout_s)).run()
     return 0
 
 

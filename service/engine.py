@@ -62,10 +62,14 @@ class RequestState:
 class _Worker:
     handle: WorkerHandle
     ready: bool = False
-    batch: Batch | None = None
-    dispatch_wall: float = 0.0
+    continuous: bool = False  # iteration-level (CCB): takes new requests while running others
+    batches: dict[int, tuple[Batch, float]] = field(default_factory=dict)  # running: id -> (batch, dispatch wall)
     info: dict[str, Any] = field(default_factory=dict)
-    deaths_in_batch: int = 0
+
+    @property
+    def idle(self) -> bool:
+        """Can take a batch now (a continuous worker always can; its policy admits or not)."""
+        return self.ready and (self.continuous or not self.batches)
 
 
 class Engine:
@@ -86,13 +90,17 @@ class Engine:
         self.model_name = model_name
         self.observe = observe  # learners' hook: (submission, true generated tokens), run in a thread
         self._states: dict[str, RequestState] = {}
-        self._workers = [_Worker(WorkerHandle(i, c, self._from_thread)) for i, c in enumerate(worker_configs)]
+        self._workers = [
+            _Worker(WorkerHandle(i, c, self._from_thread), continuous=c.mode == "continuous")
+            for i, c in enumerate(worker_configs)
+        ]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._ready = asyncio.Event()
         self._fatal: str | None = None
         self._closing = False
+        self._deaths: dict[int, int] = {}  # batch id -> times a worker died running it
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -139,17 +147,37 @@ class Engine:
         self._wake.set()
         return st
 
-    def cancel(self, request_id: str) -> None:
-        """The client went away: drop it from the queue, or drop its result when it runs."""
+    def cancel(self, request_id: str, error: APIError | None = None) -> None:
+        """The client went away: drop it from the queue, or drop its result when it runs.
+        With ``error`` (e.g. a timeout) the request is aborted the same way and fails with it."""
         st = self._states.get(request_id)
         if st is None or st.finished:
             return
-        if self.policy.cancel(request_id, time.monotonic()):
-            self.metrics.cancelled.labels("waiting").inc()
+        stage = "waiting" if self.policy.cancel(request_id, time.monotonic()) else "running"
+        if error is None:
+            self.metrics.cancelled.labels(stage).inc()
+            self._finish(st, status="cancelled", error="client disconnected")
         else:
-            self.metrics.cancelled.labels("running").inc()
-        self._finish(st, status="cancelled", error="client disconnected")
+            if error.code == "request_timeout":
+                self.metrics.timeouts.labels(stage).inc()
+            self._fail(st, error)
         self.metrics.waiting.set(self.policy.waiting())
+
+    def reject_waiting(self, error: APIError) -> int:
+        """Fail every request that is still waiting (not running) with ``error``; returns how many."""
+        now = time.monotonic()
+        n = 0
+        for st in list(self._states.values()):
+            if not st.finished and self.policy.cancel(st.sub.id, now):
+                self._fail(st, error)
+                n += 1
+        self.metrics.waiting.set(self.policy.waiting())
+        return n
+
+    @property
+    def pending(self) -> int:
+        """Requests accepted and not yet finished (waiting or running)."""
+        return len(self._states)
 
     # ---- dispatch --------------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
@@ -161,7 +189,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - the loop must survive a policy bug; it is logged
                 log.exception("dispatch failed")
             timeout = None
-            if any(w.ready and w.batch is None for w in self._workers):
+            if any(w.idle for w in self._workers):
                 wake = self.policy.next_wakeup(now)
                 if wake is not None:
                     timeout = max(0.0, wake - now) + 0.001
@@ -172,15 +200,13 @@ class Engine:
 
     def _dispatch(self, now: float) -> None:
         for w in self._workers:
-            if not w.ready or w.batch is not None:
-                continue
-            batch = self.policy.next_batch(w.handle.index, now)
-            if batch is None:
-                break
-            batch.requests = [r for r in batch.requests if r.id in self._states]
-            if not batch.requests:
-                continue
-            self._run(w, batch)
+            while w.idle:
+                batch = self.policy.next_batch(w.handle.index, now)
+                if batch is None:
+                    break
+                batch.requests = [r for r in batch.requests if r.id in self._states]
+                if batch.requests:
+                    self._run(w, batch)
         self.metrics.waiting.set(self.policy.waiting())
 
     def _run(self, w: _Worker, batch: Batch) -> None:
@@ -192,7 +218,7 @@ class Engine:
             st.batch_id, st.worker, st.attempt_chars = batch.id, w.handle.index, 0
             s = st.sub
             reqs.append(GenRequest(s.id, s.prompt_ids, s.max_tokens, s.temperature, s.top_p, s.seed, s.stop))
-        w.batch, w.dispatch_wall = batch, wall
+        w.batches[batch.id] = (batch, wall)
         self.metrics.batch_size.observe(batch.size)
         self.metrics.running.inc(batch.size)
         try:
@@ -239,18 +265,20 @@ class Engine:
             st.sent = st.attempt_chars
 
     def _on_done(self, w: _Worker, done: BatchDone) -> None:
-        batch, w.batch = w.batch, None
-        w.deaths_in_batch = 0
-        if batch is None:
+        entry = w.batches.pop(done.batch_id, None)
+        if entry is None:
             return
+        batch, dispatch_wall = entry
+        self._deaths.pop(batch.id, None)
         self.metrics.running.dec(batch.size)
         now = time.monotonic()
         if done.error and done.error.startswith("oom"):
-            self._on_oom(w, batch, done, now)
+            self._on_oom(w, batch, done, now, dispatch_wall)
             return
         if done.error:
             log.error("batch %d failed on worker %d:\n%s", batch.id, w.handle.index, done.error)
             self.metrics.batches.labels("error").inc()
+            self.policy.on_batch_failed(batch, now)
             for r in batch.requests:
                 if r.id in self._states:
                     self._fail(self._states[r.id], APIError(500, "generation failed", type_="server_error"))
@@ -258,10 +286,10 @@ class Engine:
         self.metrics.batches.labels("ok").inc()
         stats = done.stats
         self.metrics.batch_total_tokens.inc(stats.total_tokens)
-        self._log_batch(w, batch, done)
+        self._log_batch(w, batch, done, dispatch_wall)
         true_gen = {res.id: res.completion_tokens for res in done.results}
         self.policy.on_batch_done(
-            BatchOutcome(batch=batch, true_gen=true_gen, duration=stats.end_time - w.dispatch_wall,
+            BatchOutcome(batch=batch, true_gen=true_gen, duration=stats.end_time - dispatch_wall,
                          prefill_s=stats.prefill_s, decode_s=stats.decode_s),
             now,
         )
@@ -271,9 +299,9 @@ class Engine:
                 continue
             self._complete(st, res)
 
-    def _on_oom(self, w: _Worker, batch: Batch, done: BatchDone, now: float) -> None:
+    def _on_oom(self, w: _Worker, batch: Batch, done: BatchDone, now: float, dispatch_wall: float) -> None:
         self.metrics.batches.labels("oom").inc()
-        self._log_batch(w, batch, done)
+        self._log_batch(w, batch, done, dispatch_wall)
         log.warning("batch %d (size %d) ran out of memory on worker %d: split and retry",
                     batch.id, batch.size, w.handle.index)
         for r in self.policy.on_batch_oom(batch, now):
@@ -291,12 +319,13 @@ class Engine:
             return
         log.error("worker %d exited (code %s); restarting", w.handle.index, exitcode)
         w.ready = False
-        batch, w.batch = w.batch, None
-        if batch is not None:
+        running = [b for b, _ in w.batches.values()]
+        w.batches.clear()
+        for batch in running:
             self.metrics.running.dec(batch.size)
-            w.deaths_in_batch += 1
+            self._deaths[batch.id] = deaths = self._deaths.get(batch.id, 0) + 1
             live = [r for r in batch.requests if r.id in self._states]
-            if w.deaths_in_batch <= 1 and live:
+            if deaths <= 1 and live:
                 batch.requests = live
                 self.policy.requeue(batch, time.monotonic())  # put back once, waiting time kept
             else:
@@ -347,13 +376,13 @@ class Engine:
             batch_id=st.batch_id, worker=st.worker,
         ))
 
-    def _log_batch(self, w: _Worker, batch: Batch, done: BatchDone) -> None:
+    def _log_batch(self, w: _Worker, batch: Batch, done: BatchDone, dispatch_wall: float) -> None:
         s = done.stats
         preds = [r.predicted_tokens for r in batch.requests if r.predicted_tokens is not None]
         self.log.add(BatchRecord(
             id=batch.id, policy=self.policy.name, worker=w.handle.index, size=s.size, max_prompt=s.max_prompt,
             max_gen=s.max_gen, predicted_max_gen=batch.max_gen if preds else None,
-            predicted_lengths=preds or None, dispatch=w.dispatch_wall, start=s.start_time, end=s.end_time,
+            predicted_lengths=preds or None, dispatch=dispatch_wall, start=s.start_time, end=s.end_time,
             prefill_s=s.prefill_s, decode_s=s.decode_s, valid_tokens=s.valid_tokens, total_tokens=s.total_tokens,
             peak_mem_bytes=s.peak_mem_bytes, oom=s.oom,
         ))

@@ -28,3 +28,8 @@ class Metrics:
         self.cancelled = Counter("magnus_cancelled_requests", "requests cancelled by the client", ["stage"], registry=r)
         self.predictions = Counter("magnus_predictions", "length predictions by source", ["source"], registry=r)
         self.worker_restarts = Counter("magnus_worker_restarts", "worker processes restarted", registry=r)
+        self.rejected = Counter(
+            "magnus_rejected_requests", "requests refused before scheduling (queue_full, waiting_tokens, "
+            "body_too_large, unauthorized, shutting_down)", ["reason"], registry=r)
+        self.timeouts = Counter("magnus_timed_out_requests", "requests past request_timeout_s, cancelled",
+                                ["stage"], registry=r)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DATA_DIR = Path.home() / ".cache" / "magnus"
 
@@ -50,22 +51,70 @@ class Settings(BaseSettings):
     # fault injection
     mem_cap_bytes: int | None = Field(None, description="fault injection: KV-cache memory cap per worker")
     oom_every: int = Field(0, description="fault injection: every Nth multi-request batch runs out of memory")
+    # production: auth, backpressure, limits, shutdown
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="accepted API keys (Authorization: Bearer KEY); none: no auth. Env: comma-separated or a JSON "
+        "list; CLI: --api-key, repeatable or comma-separated")
+    auth_health_metrics: bool = Field(False, description="whether /health and /metrics need an API key too")
+    max_waiting_requests: int = Field(1024, description="waiting requests past which new ones get 429 (0: no limit)")
+    max_waiting_tokens: int = Field(0, description="waiting prompt+max_tokens past which new requests get 429 (0: no limit)")
+    retry_after_s: float = Field(1.0, description="Retry-After sent with 429 and 503 answers")
+    max_request_bytes: int = Field(4 * 1024 * 1024, description="largest request body; larger ones get 413")
+    request_timeout_s: float = Field(600.0, description="per-request deadline from arrival to the last token; past it 504 and the request is cancelled (0: none)")
+    shutdown_timeout_s: float = Field(30.0, description="on SIGTERM: how long waiting requests may still be served before they get 503; running batches always finish")
 
-    @field_validator("batch_size", "port")
+    @field_validator("batch_size", "port", "max_request_bytes")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be >= 1")
         return v
 
+    @field_validator("max_waiting_requests", "max_waiting_tokens", "retry_after_s", "request_timeout_s",
+                     "shutdown_timeout_s")
+    @classmethod
+    def _not_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, v: Any) -> list[str]:
+        return split_list(v)
+
+
+def split_list(v: Any) -> list[str]:
+    """A list setting from a JSON list, a comma-separated string, or (from repeated flags) a list of those."""
+    if v is None:
+        return []
+    items = [v] if isinstance(v, str) else list(v)
+    out: list[str] = []
+    for item in items:
+        text = str(item).strip()
+        if text.startswith("["):  # JSON: items kept whole (a key may then contain a comma)
+            parsed = json.loads(text)
+            if not isinstance(parsed, list):
+                raise ValueError("expected a JSON list")
+            out.extend(str(x) for x in parsed if str(x))
+        else:
+            out.extend(x.strip() for x in text.split(",") if x.strip())
+    return out
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --flag per setting, with its default shown in --help."""
+    """One --flag per setting, with its default shown in --help. List settings take a repeatable
+    flag, also under its singular name (``--api-key A --api-key B`` or ``--api-keys A,B``)."""
     defaults = Settings.model_construct()
     for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-")]
         help_ = f"{field.description or ''} [env MAGNUS_{name.upper()}; default: {getattr(defaults, name)!s}]"
-        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_)
+        if getattr(field.annotation, "__origin__", None) is list:
+            flags.insert(0, flags[0].removesuffix("s"))
+            parser.add_argument(*flags, dest=name, action="append", default=argparse.SUPPRESS, help=help_)
+        else:
+            parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=help_)
 
 
 def from_args(args: argparse.Namespace) -> Settings:

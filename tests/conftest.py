@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("MAGNUS_TEST_CACHE", Path.home() / ".cache" / "magnus"))
+from bench.serverproc import CACHE, Server, start_server, wait_healthy
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["Server", "start_server", "wait_healthy"]
 
 
 @pytest.fixture(scope="session")
@@ -51,69 +38,6 @@ def tiny_model_dir(default_model_dir: str, tmp_path_factory: pytest.TempPathFact
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
-
-
-@dataclass
-class Server:
-    base_url: str  # http://127.0.0.1:PORT
-    proc: subprocess.Popen
-    db_path: Path
-    log_path: Path
-    model: str
-
-    @property
-    def v1(self) -> str:
-        return self.base_url + "/v1"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
-
-def start_server(tmp: Path, model: str, wait: bool = True, **settings: object) -> Server:
-    """Start `magnus serve` in a subprocess with the given settings (as MAGNUS_* env vars)."""
-    port = free_port()
-    env = dict(os.environ)
-    env.update({
-        "MAGNUS_PORT": str(port), "MAGNUS_MODEL": model, "MAGNUS_DB_PATH": str(tmp / "log.db"),
-        "MAGNUS_STATE_DIR": str(tmp / "state"), "MAGNUS_CACHE_DIR": str(CACHE / "models"),
-        "MAGNUS_LOG_LEVEL": "info", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-    })
-    for k, v in settings.items():
-        env[f"MAGNUS_{k.upper()}"] = str(v)
-    log_path = tmp / f"server-{port}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=env,
-        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
-    )
-    srv = Server(f"http://127.0.0.1:{port}", proc, tmp / "log.db", log_path, model)
-    if wait:
-        wait_healthy(srv)
-    return srv
-
-
-def wait_healthy(srv: Server, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if srv.proc.poll() is not None:
-            raise RuntimeError(f"server exited ({srv.proc.returncode}):\n{srv.log()[-4000:]}")
-        try:
-            if httpx.get(srv.base_url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    srv.stop()
-    raise TimeoutError(f"server not healthy in {timeout}s:\n{srv.log()[-4000:]}")
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def to_input(r: dict) -> PredictInput:
 
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:
-    return get_embedder("default")
+    return get_embedder("default", threads=1)  # 1 thread: polite and fast on a shared CPU
 
 
 def cfg(**kw: object) -> PredictorConfig:
@@ -308,9 +308,10 @@ def test_cli_train_eval_info(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     test.write_text("\n".join(json.dumps(r) for r in make_rows(21, seed=12)))
     model = tmp_path / "m.joblib"
     assert cli_main(["predictor", "train", "--from-jsonl", str(train), "--out", str(model),
-                     "--n-estimators", "25", "--holdout", "0.2"]) == 0
+                     "--n-estimators", "25", "--holdout", "0.2", "--threads", "1"]) == 0
     out_json = tmp_path / "eval.json"
-    assert cli_main(["predictor", "eval", str(test), "--model", str(model), "--json", str(out_json)]) == 0
+    assert cli_main(["predictor", "eval", str(test), "--model", str(model), "--json", str(out_json),
+                     "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "| application | method |" in printed and "| overall | predictor |" in printed
     res = json.loads(out_json.read_text())

@@ -24,6 +24,7 @@ class WorkerConfig:
     device: str  # "cpu", "cuda:0", ...
     dtype: str = "auto"
     quantize: str = "none"  # none | int8 | 4bit
+    mode: str = "static"  # static (one batch at a time) | continuous (CCB: transformers' continuous batching)
     threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
     mem_cap_bytes: int | None = None  # fault injection: KV cache cap below the real memory
     oom_every: int = 0  # fault injection: every Nth multi-request batch runs out of memory
@@ -51,12 +52,23 @@ def _main(conn, cfg: WorkerConfig) -> None:
         kv_heads = getattr(c, "num_key_value_heads", None) or heads
         elem = torch.finfo(dtype).bits // 8
         delta = 2 * c.num_hidden_layers * kv_heads * head_dim * elem
-        runner = BatchRunner(model, tok, cfg.device, delta, cfg.mem_cap_bytes, cfg.oom_every)
+        send_lock = threading.Lock()
+
+        def send(kind: str, payload: Any) -> None:
+            with send_lock:
+                conn.send((kind, payload))
+
+        if cfg.mode == "continuous":
+            from worker.continuous import ContinuousRunner
+
+            runner: Any = ContinuousRunner(model, tok, send)
+        else:
+            runner = BatchRunner(model, tok, cfg.device, delta, cfg.mem_cap_bytes, cfg.oom_every)
         info: dict[str, Any] = {"pid": os.getpid(), "device": cfg.device, "delta": delta}
         if cfg.device.startswith("cuda"):
             free, total = torch.cuda.mem_get_info()
             info.update(free_bytes=free, total_bytes=total)
-        conn.send(("ready", info))
+        send("ready", info)
     except Exception:  # noqa: BLE001 - report any load failure to the parent, then exit
         conn.send(("fatal", traceback.format_exc()))
         return
@@ -66,13 +78,18 @@ def _main(conn, cfg: WorkerConfig) -> None:
         except EOFError:
             return
         if msg is None:
+            if cfg.mode == "continuous":
+                runner.stop()
             return
         batch: GenBatch = msg
+        if cfg.mode == "continuous":
+            runner.submit(batch)
+            continue
         try:
-            done = runner.run(batch, lambda evs: conn.send(("tokens", evs)))
+            done = runner.run(batch, lambda evs: send("tokens", evs))
         except Exception:  # noqa: BLE001 - a failing batch must not kill the worker
-            done = BatchDone(results=[], stats=None, error=traceback.format_exc())  # type: ignore[arg-type]
-        conn.send(("done", done))
+            done = BatchDone(batch_id=batch.batch_id, results=[], stats=None, error=traceback.format_exc())
+        send("done", done)
 
 
 class WorkerHandle:

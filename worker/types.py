@@ -71,6 +71,7 @@ class BatchStats:
 class BatchDone:
     """The worker's answer for a batch: results (empty on OOM) and stats."""
 
+    batch_id: int
     results: list[GenResult]
-    stats: BatchStats
-    error: str | None = None  # "oom" or another failure message
+    stats: BatchStats | None  # None when the batch failed before it ran
+    error: str | None = None  # "oom: ..." or another failure message

@@ -1,0 +1,193 @@
+"""Benchmark tooling: workload builder, corruptions, arrivals, summaries, CLI wiring.
+
+The builder reads the machine's real man pages, gettext catalogs and standard library (small
+limits keep it to seconds) and counts tokens with the default model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import corrupt, sources
+from bench.builder import MAX_TOKENS_CAP, BuildConfig, Workload, build_workload, max_tokens_for
+from bench.cli import register
+from bench.corpus import Corpus
+from bench.load import RequestRecord, arrival_times, batch_tokens, summarize, summary_stats
+from bench.tokens import count_tokens
+from bench.truth import pearson_by_app
+from bench.workloads import APPS, read_requests, write_jsonl
+
+SMALL = {"english_man_pages": 12, "translated_man_pages": 6, "stdlib_files": 25, "catalogs": 12}
+
+
+@pytest.fixture(scope="module")
+def workload() -> Workload:
+    return build_workload(BuildConfig(n=90, seed=5, **SMALL))
+
+
+@pytest.fixture(scope="module")
+def functions() -> list[str]:
+    docs, _ = sources.python_documents(sources.stdlib_files(40))
+    return [code for doc in docs for _, code in doc]
+
+
+@pytest.fixture(scope="module")
+def license_sentences() -> list[str]:
+    return [text for doc in sources.license_documents() for _, text in doc]
+
+
+def test_workload_has_six_apps_and_schema(workload: Workload, tmp_path: Path) -> None:
+    assert {r.app for r in workload.all} == set(APPS)
+    assert [sum(r.app == app for r in workload.all) for app in APPS] == [15] * 6
+    assert len({r.id for r in workload.all}) == len(workload.all) == 90
+    assert {r.id for r in workload.train} | {r.id for r in workload.test} == {r.id for r in workload.all}
+    assert not {r.id for r in workload.train} & {r.id for r in workload.test}
+    assert all(sum(r.app == app for r in workload.train) == 4 for app in APPS)  # 25% of 15, rounded
+    translations = {r.instruction for r in workload.all if r.app == "machine_translation"}
+    assert "Translate the following text from English to French." in translations
+    assert "Translate the following text from Chinese to English." in translations
+    for r in workload.all:
+        d = r.to_dict()
+        assert set(d) == {"id", "app", "instruction", "input", "max_tokens"}
+        assert r.instruction and r.input.strip() and 0 < r.max_tokens <= MAX_TOKENS_CAP
+    write_jsonl(tmp_path / "w.jsonl", (r.to_dict() for r in workload.all))
+    assert read_requests(tmp_path / "w.jsonl") == workload.all
+
+
+def test_workload_is_deterministic(workload: Workload) -> None:
+    again = build_workload(BuildConfig(n=90, seed=5, **SMALL))
+    assert [r.to_dict() for r in again.all] == [r.to_dict() for r in workload.all]
+    assert [r.id for r in again.train] == [r.id for r in workload.train]
+    other = build_workload(BuildConfig(n=12, seed=6, **SMALL))
+    assert {r.input for r in other.all} != {r.input for r in workload.all[:12]}
+
+
+def test_inputs_span_short_to_long(workload: Workload) -> None:
+    tokens = count_tokens([r.input for r in workload.all])
+    assert min(tokens) <= 10 and max(tokens) >= 200
+    assert max_tokens_for(5) == 23 and max_tokens_for(1000) == MAX_TOKENS_CAP
+
+
+def test_corpus_samples_near_target() -> None:
+    corpus = Corpus.from_documents("licenses", sources.license_documents(), count_tokens)
+    rng = np.random.default_rng(0)
+    for target in (8, 60, 400):
+        lengths = count_tokens([corpus.sample(target, rng) for _ in range(10)])
+        assert max(lengths) <= 1.3 * target + 2  # separators between units are not counted
+        assert np.median(lengths) >= 0.4 * target
+
+
+def test_grammar_errors_change_text(license_sentences: list[str]) -> None:
+    rng = np.random.default_rng(1)
+    for sentence in license_sentences[:200]:
+        wrong, n = corrupt.inject_grammar_errors(sentence, rng)
+        assert n >= 1 and wrong != sentence
+    text = "The program is distributed in the hope that it helps its users more than before, but without any warranty."
+    for kind in corrupt.GRAMMAR_ERRORS:
+        edits = corrupt._grammar_candidates(text, kind)
+        assert edits and all(corrupt.apply_edits(text, [e]) != text for e in edits), kind
+
+
+def test_bugs_change_code_and_keep_it_valid(functions: list[str]) -> None:
+    rng = np.random.default_rng(2)
+    kinds = set()
+    for code in functions[:300]:
+        result = corrupt.inject_bug(code, rng)
+        if result is None:
+            continue
+        buggy, kind = result
+        assert buggy != code
+        ast.parse(buggy)
+        kinds.add(kind)
+    assert kinds == set(corrupt.BUG_KINDS)
+    code = "def span(items, lo, hi):\n    return [x + 1 for x in items[lo:hi] if x < hi]\n"
+    assert corrupt.inject_bug(code, rng)[0] != code
+
+
+def test_rude_and_uncommented_inputs(functions: list[str], license_sentences: list[str]) -> None:
+    rng = np.random.default_rng(3)
+    for sentence in license_sentences[:50]:
+        rude = corrupt.make_rude(sentence, rng)
+        assert len(rude) > len(sentence)
+    documented = [c for c in functions if '"""' in c and "#" in c][:20]
+    assert documented
+    for code in documented:
+        bare = corrupt.strip_comments(code)
+        assert bare is not None and len(bare) < len(code)
+        tree = ast.parse(bare)
+        assert all(ast.get_docstring(f) is None for f in ast.walk(tree) if isinstance(f, ast.FunctionDef))
+        assert not any(t.startswith("#") for line in bare.splitlines() for t in [line.strip()])
+
+
+def test_poisson_arrivals_have_the_rate() -> None:
+    rng = np.random.default_rng(4)
+    times = arrival_times(20_000, rate=5.0, burstiness=1.0, rng=rng)
+    gaps = np.diff(times)
+    assert np.all(gaps > 0)
+    assert gaps.mean() == pytest.approx(0.2, rel=0.03)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.05)  # exponential: CV 1
+    counts = np.histogram(times, bins=np.arange(0, times[-1], 1.0))[0]
+    assert counts.var() / counts.mean() == pytest.approx(1.0, rel=0.1)  # Poisson counts
+    bursty = np.diff(arrival_times(20_000, rate=5.0, burstiness=4.0, rng=rng))
+    assert bursty.mean() == pytest.approx(0.2, rel=0.05)
+    assert (bursty.std() / bursty.mean()) ** 2 == pytest.approx(4.0, rel=0.15)  # gamma: CV^2 = B
+    with pytest.raises(ValueError):
+        arrival_times(3, rate=0.0, burstiness=1.0, rng=rng)
+
+
+def test_summary_statistics() -> None:
+    s = summary_stats(list(range(1, 101)))
+    assert s == pytest.approx({"mean": 50.5, "p50": 50.5, "p95": 95.05, "p99": 99.01})
+    assert summary_stats([])["mean"] is None
+    records = [
+        RequestRecord("a", "mt", 10, send=100.0, first_token=100.5, end=101.0, completion_tokens=10),
+        RequestRecord("b", "mt", 10, send=101.0, first_token=101.5, end=104.0, completion_tokens=30),
+        RequestRecord("c", "gc", 10, send=102.0, status="http_503", error="busy"),
+    ]
+    summary = summarize(records, total_tokens=80)
+    assert (summary.sent, summary.completed, summary.errors) == (3, 2, {"http_503": 1})
+    assert summary.duration == 4.0 and summary.window == (100.0, 104.0)
+    assert summary.request_throughput == 0.5
+    assert summary.response_time["mean"] == 2.0 and summary.ttft["mean"] == 0.5
+    assert summary.valid_token_throughput == 10.0 and summary.total_token_throughput == 20.0
+
+
+def test_batch_tokens_sums_batches_in_window(tmp_path: Path) -> None:
+    db = tmp_path / "log.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE batches (id INTEGER, policy TEXT, size INTEGER, max_prompt INTEGER, max_gen INTEGER,"
+            " total_tokens INTEGER, valid_tokens INTEGER, start REAL, end REAL, oom INTEGER)"
+        )
+        rows = [(1, 99.0, 100), (2, 100.0, 7), (3, 103.5, 5), (4, 104.5, 1000)]
+        conn.executemany(
+            "INSERT INTO batches VALUES (?, 'vs', 4, 10, 10, ?, 1, ?, ?, 0)",
+            [(i, total, start, start + 1) for i, start, total in rows],
+        )
+    assert batch_tokens(str(db), 100.0, 104.0) == 12
+
+
+def test_pearson_by_app() -> None:
+    rows = [{"app": "bug_fixing", "input_tokens": x, "output_tokens": 2 * x + 1} for x in range(1, 20)]
+    rows += [{"app": "grammar_correction", "error": "timeout"}]
+    stats = pearson_by_app(rows)
+    assert stats["bug_fixing"]["pearson_r"] == pytest.approx(1.0)
+    assert "grammar_correction" not in stats and stats["all"]["requests"] == 19
+
+
+def test_cli_registers_bench_leaves() -> None:
+    parser = argparse.ArgumentParser(prog="magnus")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", "workload", "--out", "w", "--n", "12", "--seed", "3"])
+    assert (args.n, args.seed, args.out) == (12, 3, Path("w")) and callable(args.func)
+    args = parser.parse_args(["bench", "load", "--base-url", "http://127.0.0.1:1", "--workload", "w.jsonl",
+                              "--rate", "2", "--burstiness", "2", "--n", "5", "--duration", "3"])  # fmt: skip
+    assert (args.rate, args.burstiness, args.n, args.duration) == (2.0, 2.0, 5, 3.0)
+    args = parser.parse_args(["bench", "truth", "w.jsonl", "t.jsonl", "--base-url", "http://x", "--concurrency", "2"])
+    assert args.concurrency == 2 and callable(args.func)

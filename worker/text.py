@@ -1,0 +1,72 @@
+"""Per-request output text: incremental detokenization, stop strings, what may be streamed."""
+
+from __future__ import annotations
+
+import time
+
+from worker.types import GenRequest, GenResult, TokenEvent
+
+
+def eos_ids_of(model, tokenizer) -> set[int]:
+    """Every token id that ends a generation (generation config and tokenizer)."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class RequestText:
+    """Tracks one request's generated tokens and text while it decodes."""
+
+    def __init__(self, req: GenRequest, tokenizer, eos_ids: set[int]) -> None:
+        self.req = req
+        self.tok = tokenizer
+        self.eos_ids = eos_ids
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far, cut at a stop string
+        self.sent = 0  # chars of ``text`` already streamed
+        self.done = False
+        self.finish_reason = "length"
+        self.first_token_time: float | None = None
+        self.max_stop = max((len(s) for s in req.stop), default=0)
+
+    def append(self, token: int, now: float) -> None:
+        """Add one generated token; sets ``done`` on EOS, a stop string or max_tokens."""
+        if self.done:
+            return
+        self.ids.append(token)
+        if self.first_token_time is None:
+            self.first_token_time = now
+        if token in self.eos_ids:
+            self.done, self.finish_reason = True, "stop"
+            return
+        new_text = self.tok.decode([t for t in self.ids if t not in self.eos_ids], skip_special_tokens=True)
+        if not new_text.endswith("\ufffd"):  # else an incomplete multi-byte character: wait for more
+            if self.req.stop:
+                search_from = max(0, len(self.text) - self.max_stop)
+                hits = [i for s in self.req.stop if (i := new_text.find(s, search_from)) >= 0]
+                if hits:
+                    self.text = new_text[: min(hits)]
+                    self.done, self.finish_reason = True, "stop"
+                    return
+            self.text = new_text
+        if len(self.ids) >= self.req.max_tokens:
+            self.done, self.finish_reason = True, "length"
+
+    def flush(self) -> TokenEvent | None:
+        """New text that can be streamed (a possible stop-string prefix is held back)."""
+        limit = len(self.text)
+        if self.req.stop and not self.done:
+            limit = max(self.sent, len(self.text) - self.max_stop + 1)
+        if limit <= self.sent:
+            return None
+        ev = TokenEvent(request_id=self.req.id, text=self.text[self.sent : limit], time=time.time())
+        self.sent = limit
+        return ev
+
+    def result(self) -> GenResult:
+        if not self.done:
+            self.done, self.finish_reason = True, "length"
+        return GenResult(id=self.req.id, text=self.text, completion_tokens=len(self.ids),
+                         finish_reason=self.finish_reason, first_token_time=self.first_token_time)
