@@ -44,22 +44,25 @@ def synthetic(n: int, rng: np.random.Generator) -> tuple[list[PredictInput], np.
     return items, np.array(ys)
 
 
-def timed(fn: Callable[[list[PredictInput]], object], pools: list[list[PredictInput]]) -> list[float]:
-    """Wall time of ``fn`` on each batch of ``pools`` after a warm-up call on the first."""
+def timed(fn: Callable[[list[PredictInput]], object],
+          pools: list[list[PredictInput]]) -> tuple[list[float], list[float]]:
+    """Wall and process CPU time of ``fn`` on each batch of ``pools`` after a warm-up call."""
     fn(pools[0])
-    out = []
+    wall, cpu = [], []
     for batch in pools[1:]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn(batch)
-        out.append(time.perf_counter() - t0)
-    return out
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
 
 
-def row(name: str, batch: int, times: list[float]) -> str:
-    ms = sorted(1000 * t for t in times)
+def row(name: str, batch: int, times: tuple[list[float], list[float]]) -> str:
+    ms = sorted(1000 * t for t in times[0])
     p95 = ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))]
+    cpu = statistics.mean(1000 * t for t in times[1])
     return (f"| {name} | {batch} | {statistics.mean(ms):.2f} | {statistics.median(ms):.2f} | {p95:.2f} | "
-            f"{statistics.mean(ms) / batch:.2f} |")
+            f"{statistics.mean(ms) / batch:.2f} | {cpu / batch:.2f} |")
 
 
 def main() -> int:
@@ -96,8 +99,8 @@ def main() -> int:
         return fx.transform([i.app_text for i in batch], [i.user_text for i in batch],
                             [i.input_tokens for i in batch])
 
-    lines = ["| path | batch | mean ms/call | p50 ms/call | p95 ms/call | mean ms/request |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| path | batch | mean ms/call | p50 ms/call | p95 ms/call | mean ms/request | cpu ms/request |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for b in args.batches:
         pools = [synthetic(b, rng)[0] for _ in range(args.reps + 1)]
         feats = {id(batch): features(batch) for batch in pools}

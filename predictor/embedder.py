@@ -53,8 +53,11 @@ def resolve_embedder(name: str) -> tuple[str, str]:
 class Embedder:
     """A sentence-transformers model behind a lock, with an LRU cache for repeated texts.
 
-    ``encode`` runs in chunks of ``batch_size`` and takes the model lock per chunk, so a long
-    background job (embedding a training set) lets concurrent small requests interleave.
+    ``encode`` runs in chunks of ``chunk_size`` texts and takes the model lock per chunk, so a
+    long background job (embedding a training set) lets concurrent small requests interleave.
+    Inside a chunk the model runs batches of ``batch_size`` texts of similar length
+    (sentence-transformers sorts by length); on CPU, 8 (the default there) wastes less on
+    padding than 32: measured 23 vs 42 ms of CPU per text for 5-120-word inputs.
     Blocking: call it from a worker thread, never from an event loop.
 
     ``threads``: torch intra-op threads while encoding (None: torch's default). On an
@@ -63,11 +66,12 @@ class Embedder:
     """
 
     def __init__(self, name: str = "default", device: str | None = "cpu", cache_size: int = 1024,
-                 batch_size: int = 32, threads: int | None = None) -> None:
+                 batch_size: int | None = None, chunk_size: int = 32, threads: int | None = None) -> None:
         from sentence_transformers import SentenceTransformer
 
         self.name, source = resolve_embedder(name)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or (8 if device == "cpu" else 32)
+        self.chunk_size = max(chunk_size, self.batch_size)
         self.threads = threads
         self.cache_size = cache_size
         self._model: Any = SentenceTransformer(source, device=device)
@@ -102,8 +106,8 @@ class Embedder:
         unique = list(dict.fromkeys(texts))
         vecs = np.zeros((len(unique), self.dim), dtype=np.float32)
         bar = tqdm(total=len(unique), unit="text", desc="embedding", disable=not show_progress)
-        for start in range(0, len(unique), self.batch_size):
-            chunk = unique[start:start + self.batch_size]
+        for start in range(0, len(unique), self.chunk_size):
+            chunk = unique[start:start + self.chunk_size]
             vecs[start:start + len(chunk)] = self._encode_chunk(chunk)
             bar.update(len(chunk))
         bar.close()
