@@ -122,9 +122,7 @@ def build_tasks(config: BuildConfig, count: _Counter) -> dict[str, list[Task]]:
     english_man = sources.man_documents(None, config.english_man_pages)
     files = sources.stdlib_files(config.stdlib_files)
     functions, docstrings = sources.python_documents(files)
-    prose = Corpus.from_documents(
-        "english-prose", english_man + docstrings + sources.license_documents(), count
-    )
+    prose = Corpus.from_documents("english-prose", english_man + docstrings + sources.license_documents(), count)
     code = Corpus.from_documents("python-functions", functions, count)
 
     pairs = {lang: sources.catalog_pairs(lang, config.catalogs) for lang in config.languages}
@@ -178,16 +176,9 @@ def build_tasks(config: BuildConfig, count: _Counter) -> dict[str, list[Task]]:
     ):
         tasks[app].append(Task(app, INSTRUCTIONS[app], corpus, transform, ratio, INPUT_MIN[app]))
     for target in CODE_TARGETS:
-        ct = _scaled(keep, CODE_RATIOS[target])
+        ratio, instruction = CODE_RATIOS[target], code_translation_instruction(target)
         tasks["code_translation"].append(
-            Task(
-                "code_translation",
-                code_translation_instruction(target),
-                code,
-                ct,
-                CODE_RATIOS[target],
-                INPUT_MIN["code_translation"],
-            )
+            Task("code_translation", instruction, code, _scaled(keep, ratio), ratio, INPUT_MIN["code_translation"])
         )
     return tasks
 

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 _APP_HISTORY = 512  # true lengths kept per application for the cold-start median
 _MAX_APPS = 1024  # applications tracked for the cold-start median (least recently seen dropped)
+FALLBACK_SOURCES = frozenset({"app_median", "max_tokens"})
 
 
 @dataclass
@@ -86,9 +87,11 @@ def select_for_training(predicted: Prediction | None, true_tokens: int, max_toke
     a request joins when its forest prediction, capped by its ``max_tokens`` as the scheduler
     caps it, missed the true length by more than ``err_abs`` tokens AND by more than
     ``err_rel * true_tokens``. A request without a forest prediction (none given, or a fallback
-    made before the first forest arrived) joins: its error says nothing about the forest.
+    made before the first forest arrived: source in ``FALLBACK_SOURCES``) joins: its error says
+    nothing about the forest. Any other source (e.g. "" when the caller did not keep it) counts
+    as a forest prediction.
     """
-    if not trained or predicted is None or predicted.source != "forest":
+    if not trained or predicted is None or predicted.source in FALLBACK_SOURCES:
         return True
     guess = min(predicted.tokens, max_tokens) if max_tokens > 0 else predicted.tokens
     err = abs(guess - true_tokens)

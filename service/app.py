@@ -167,8 +167,8 @@ def create_app(settings: Settings) -> FastAPI:
         )
         if state.info and state.info.predict is not None and eng_needs_prediction():
             pred = await loop.run_in_executor(cpu, state.info.predict, sub)
-            sub.predicted_tokens, sub.predicted_high, source = pred
-            state.metrics.predictions.labels(source).inc()
+            sub.predicted_tokens, sub.predicted_high, sub.predicted_source = pred
+            state.metrics.predictions.labels(sub.predicted_source).inc()
         return sub
 
     def eng_needs_prediction() -> bool:
@@ -187,18 +187,24 @@ def create_app(settings: Settings) -> FastAPI:
         ``group`` (one HTTP request's prompts) at ``deadline`` (loop time)."""
         loop = asyncio.get_running_loop()
         text: list[str] = []
+        next_check = loop.time() + 1.0  # checked by the clock: token events may flow without a pause
+        expired = False
         while True:
-            timeout = 1.0
-            if deadline is not None and loop.time() < deadline:
-                timeout = min(timeout, deadline - loop.time())
-            try:
-                kind, payload = await asyncio.wait_for(st.events.get(), timeout=timeout)
-            except TimeoutError:
+            now = loop.time()
+            if now >= next_check:
+                next_check = now + 1.0
                 if await request.is_disconnected():
                     eng.cancel(st.sub.id)
-                    raise APIError(499, "client disconnected") from None
-                if deadline is not None and loop.time() >= deadline:
-                    expire(group, eng)  # the error arrives as this state's next event
+                    raise APIError(499, "client disconnected")
+            if deadline is not None and now >= deadline and not expired:
+                expired = True
+                expire(group, eng)  # the error arrives as this state's next event
+            timeout = next_check - now
+            if deadline is not None and not expired:
+                timeout = min(timeout, deadline - now)
+            try:
+                kind, payload = await asyncio.wait_for(st.events.get(), timeout=max(timeout, 0.001))
+            except TimeoutError:
                 continue
             if kind == "text":
                 text.append(payload)

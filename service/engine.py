@@ -39,6 +39,7 @@ class Submission:
     stop: list[str]
     predicted_tokens: int | None = None
     predicted_high: int | None = None
+    predicted_source: str | None = None  # forest | app_median | max_tokens
 
 
 @dataclass

@@ -110,6 +110,7 @@ def _predictor(settings: Settings):
         model_path=str(settings.predictor_model or settings.state_dir / "predictor.joblib"),
         train_set_path=str(settings.state_dir / "predictor_trainset.npz"),
         retrain_interval_s=settings.predictor_interval_s,
+        embed_threads=1,  # the embedder shares the CPU with the workers; one thread is faster there
     )
     return LengthPredictor(cfg)
 
@@ -133,5 +134,6 @@ def observe(learners: Learners, sub: Any, true_tokens: int) -> None:
 
     pred = None
     if sub.predicted_tokens is not None:
-        pred = Prediction(tokens=sub.predicted_tokens, high=sub.predicted_high or sub.predicted_tokens, source="")
+        pred = Prediction(tokens=sub.predicted_tokens, high=sub.predicted_high or sub.predicted_tokens,
+                          source=sub.predicted_source or "forest")
     learners.predictor.observe(_item(sub), true_tokens, pred)

@@ -190,6 +190,10 @@ def test_selection_rule() -> None:
     # no forest prediction to judge: joins
     assert select_for_training(None, 100, 256, trained=True)
     assert select_for_training(Prediction(256, 256, "max_tokens"), 100, 256, trained=True)
+    assert select_for_training(Prediction(50, 50, "app_median"), 100, 256, trained=True)
+    # a caller that did not keep the source: judged like a forest prediction
+    assert not select_for_training(Prediction(100, 100, ""), 100, 256, trained=True)
+    assert select_for_training(Prediction(50, 50, ""), 100, 256, trained=True)
     # thresholds are parameters
     assert select_for_training(forest(105), 100, 256, trained=True, err_abs=2, err_rel=0.01)
 
@@ -324,3 +328,19 @@ def test_cli_train_eval_info(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert overall["predictor"]["mae"] < overall["linear(input)"]["mae"]
     assert cli_main(["predictor", "info", str(model)]) == 0
     assert json.loads(capsys.readouterr().out)["embedder"] == DEFAULT_EMBEDDER
+
+    db = tmp_path / "log.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE requests (id INTEGER PRIMARY KEY, app_text TEXT, user_text TEXT, "
+                 "input_tokens INT, prompt_tokens INT, max_tokens INT, completion_tokens INT, "
+                 "finish_reason TEXT, status TEXT)")
+    conn.executemany("INSERT INTO requests (app_text, user_text, input_tokens, prompt_tokens, max_tokens, "
+                     "completion_tokens, finish_reason, status) VALUES (?,?,?,?,?,?,?,?)",
+                     [(r["instruction"], r["input"], r["input_tokens"], r["input_tokens"] + 12, 256,
+                       r["output_tokens"], "stop", "ok") for r in make_rows(24, seed=13)])
+    conn.commit()
+    conn.close()
+    from_log = tmp_path / "log.joblib"
+    assert cli_main(["predictor", "train", "--from-log", str(db), "--out", str(from_log),
+                     "--n-estimators", "5", "--threads", "1"]) == 0
+    assert LengthForest.load(from_log, DEFAULT_EMBEDDER).meta.train_size == 24

@@ -1,0 +1,373 @@
+"""Discrete-event core of ``magnus simulate``: a policy from ``scheduler`` driven on a virtual
+clock against N simulated workers (the loop mirrors ``service.engine.Engine``).
+
+* Static workers (VS, VSQ, GLP, ABP, Magnus): a batch of ``b`` requests runs
+  ``cost.batch_time(b, L(B), G_true(B))`` with ``G_true(B)`` the longest TRUE generation; every
+  request ends at the batch end. If the true peak ``b (L + G_true) Delta + weights`` exceeds the
+  device memory, the batch runs out of memory while producing token ``g0``, the first whose
+  cache crosses the limit: ``batch_time(b, L, g0)`` is charged, then ``policy.on_batch_oom``.
+* Continuous workers (CCB): iteration-level. Requests the policy admits join at the worker's
+  next iteration boundary; that iteration costs ``prefill_time`` of the joiners plus
+  ``step_time(running, mean KV tokens)`` of the others. A request leaves after its TRUE length
+  and is reported as a batch of one. Iterations in which nothing joins or leaves are summed in
+  one event (a "segment"); an admission mid-segment cuts it at the next boundary.
+
+Events at the same time are all handled before the policy is asked for work, as in the engine.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from scheduler.ccb import CCBPolicy
+from scheduler.costmodel import CostModel
+from scheduler.policy import Policy
+from scheduler.types import Batch, BatchOutcome, SchedRequest
+
+OOM_STATUS = "http_400"  # what the load generator records for the server's insufficient_memory error
+_WAKE_GUARD_S = 1e-3  # as the engine: re-ask 1 ms later when the policy says "now" but gives nothing
+
+
+@dataclass
+class SimRequest:
+    """One simulated request and what happened to it."""
+
+    sched: SchedRequest
+    app: str
+    true_tokens: int
+    first_token: float | None = None
+    end: float | None = None
+    status: str | None = None  # None while in flight, then "ok" or OOM_STATUS
+    error: str | None = None
+
+
+@dataclass
+class SimStats:
+    """Simulator-side counters of one run."""
+
+    batches: int = 0  # dispatched static batches (CCB: admitted requests)
+    batch_requests: int = 0  # sum of their sizes
+    oom_batches: int = 0
+    total_tokens: int = 0  # every generated token: padding, post-end and OOM-lost ones included
+    busy_s: float = 0.0  # summed worker busy time
+    peak_kv_frac: float = 0.0  # largest true KV cache of a batch / KV capacity of the device
+    peak_reserved_frac: float = 0.0  # CCB: largest admission reservation / Theta (forced lone runs excluded)
+    events: int = 0
+    makespan: float = 0.0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.batch_requests / self.batches if self.batches else 0.0
+
+
+@dataclass
+class _Running:
+    """A request on a continuous worker."""
+
+    req: SimRequest
+    start_it: int  # iteration whose end gives its first token
+    end_it: int  # iteration whose end gives its last token (or where it runs out of memory)
+    admitted: float
+    oom: bool = False
+
+
+@dataclass
+class _Continuous:
+    """State of a continuous (CCB) worker. ``it``/``kv``/``t`` are at the scheduled boundary."""
+
+    heap: list[tuple[int, int, _Running]] = field(default_factory=list)  # by end_it
+    pending: list[SimRequest] = field(default_factory=list)  # admitted, join at the next boundary
+    n: int = 0  # running requests
+    kv: float = 0.0  # KV tokens cached over the running requests (prompt + generated)
+    it: int = 0  # iterations done (at the scheduled boundary)
+    scheduled: bool = False
+    version: int = 0  # bumps when a scheduled event is replaced
+    seg: tuple[float, int, float] | None = None  # decode segment start (t, it, kv), None for a prefill step
+    t: float = 0.0  # time of the scheduled boundary
+
+
+class Simulation:
+    """One run of ``policy`` on ``n_workers`` workers whose batches cost what ``cost`` says on a
+    device of ``device_bytes``. ``ttft``: ``batch-end`` (a static batch's requests get their
+    first token at its end) or ``first-token`` (after its prefill, as the streaming server)."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        cost: CostModel,
+        n_workers: int,
+        device_bytes: float | None = None,
+        ttft: str = "batch-end",
+        progress: bool = False,
+    ) -> None:
+        if n_workers < 1:
+            raise ValueError("need at least one worker")
+        if ttft not in ("batch-end", "first-token"):
+            raise ValueError("ttft must be batch-end or first-token")
+        self.policy = policy
+        self.cost = cost
+        self.n_workers = n_workers
+        device = cost.hw.mem_bytes if device_bytes is None else device_bytes
+        self.kv_cap = (device - cost.model.weight_bytes) / cost.model.delta  # KV tokens the device holds
+        if self.kv_cap <= 0:
+            raise ValueError("the weights do not fit on the device")
+        self.ttft = ttft
+        self.progress = progress
+        self.continuous = isinstance(policy, CCBPolicy)
+        self.stats = SimStats()
+        self._heap: list[tuple[float, int, int, str, object]] = []
+        self._seq = 0
+        self._busy = [False] * n_workers  # static workers
+        self._ccb = [_Continuous() for _ in range(n_workers)] if self.continuous else []
+        self._reqs: dict[str, SimRequest] = {}
+        self._done = 0
+        self._wake_at = -math.inf
+        self._bar: tqdm | None = None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, requests: list[SimRequest]) -> SimStats:
+        """Simulate until every request has finished or failed; each does so exactly once."""
+        reqs = sorted(requests, key=lambda r: r.sched.arrival)
+        self._reqs = {r.sched.id: r for r in reqs}
+        if len(self._reqs) != len(reqs):
+            raise ValueError("request ids must be unique")
+        n, i, heap, now = len(reqs), 0, self._heap, 0.0
+        idle_wakes = 0
+        self._bar = tqdm(total=n, unit="req", disable=not self.progress, mininterval=0.5, leave=False)
+        try:
+            while self._done < n:
+                t_arr = reqs[i].sched.arrival if i < n else math.inf
+                if heap and heap[0][0] <= t_arr:
+                    now, _, _, kind, payload = heapq.heappop(heap)
+                    before = self._done
+                    self._handle(kind, payload, now)
+                    idle_wakes = idle_wakes + 1 if kind == "wake" and self._done == before else 0
+                    if idle_wakes > 1_000_000:
+                        raise RuntimeError(f"policy {self.policy.name} keeps asking for wake-ups without progress")
+                elif i < n:
+                    now = t_arr
+                    self.policy.on_arrival(reqs[i].sched, now)
+                    i += 1
+                else:
+                    raise RuntimeError(
+                        f"simulation stalled at t={now:.3f}: {n - self._done} requests unfinished, "
+                        f"{self.policy.waiting()} waiting in policy {self.policy.name}"
+                    )
+                self.stats.events += 1
+                t_next = min(heap[0][0] if heap else math.inf, reqs[i].sched.arrival if i < n else math.inf)
+                if t_next > now:
+                    self._dispatch(now)
+        finally:
+            self._bar.close()
+        self.stats.makespan = now
+        return self.stats
+
+    def _push(self, t: float, kind: str, payload: object) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, 0 if kind != "wake" else 1, self._seq, kind, payload))
+
+    def _handle(self, kind: str, payload: object, now: float) -> None:
+        if kind == "batch":
+            self._batch_end(payload, now)  # type: ignore[arg-type]
+        elif kind == "iter":
+            w, version = payload  # type: ignore[misc]
+            if self._ccb[w].version == version:
+                self._iteration_end(w, now)
+        # "wake": nothing to do; the dispatch that follows asks the policy again
+
+    def _dispatch(self, now: float) -> None:
+        """Hand work to every worker that can take it, then arm the policy's wake-up."""
+        policy = self.policy
+        if self.continuous:
+            for w, wk in enumerate(self._ccb):
+                while (batch := policy.next_batch(w, now)) is not None:
+                    self._track_reservation(w)
+                    wk.pending.extend(self._reqs[r.id] for r in batch.requests)
+                    self.stats.batches += 1
+                    self.stats.batch_requests += batch.size
+                if not wk.scheduled:
+                    self._plan(w, now)
+                elif wk.pending and wk.seg is not None:
+                    self._cut_segment(w, now)
+            any_idle = True  # a continuous worker can always be offered work
+        else:
+            for w in range(self.n_workers):
+                if not self._busy[w]:
+                    batch = policy.next_batch(w, now)
+                    if batch is not None:
+                        self._start_batch(w, batch, now)
+            any_idle = not all(self._busy)
+        if any_idle:
+            wake = policy.next_wakeup(now)
+            if wake is not None:
+                at = wake if wake > now else now + _WAKE_GUARD_S
+                if not (now < self._wake_at <= at):  # no earlier wake-up already armed
+                    self._wake_at = at
+                    self._push(at, "wake", None)
+
+    # -- outcomes -------------------------------------------------------------------------------
+    def _finish(self, r: SimRequest, now: float, ok: bool, error: str | None = None) -> None:
+        if r.status is not None:
+            raise RuntimeError(f"request {r.sched.id} finished twice")
+        r.status = "ok" if ok else OOM_STATUS
+        if ok:
+            r.end = now
+        else:
+            r.error = error
+        self._done += 1
+        self._bar.update(1)  # type: ignore[union-attr]
+
+    def _fail_oom(self, failed: list[SchedRequest], now: float) -> None:
+        for s in failed:
+            self._finish(self._reqs[s.id], now, False, (
+                f"insufficient_memory: request does not fit in worker memory even alone "
+                f"(prompt {s.prompt_tokens} + max_tokens {s.max_tokens})"
+            ))
+
+    # -- static workers -------------------------------------------------------------------------
+    def _start_batch(self, w: int, batch: Batch, now: float) -> None:
+        cost, st = self.cost, self.stats
+        size = batch.size
+        L = batch.max_prompt
+        G = max(self._reqs[r.id].true_tokens for r in batch.requests)
+        prefill = cost.prefill_time(size, L)
+        overhead = cost.hw.batch_overhead_s
+        if size * (L + G) > self.kv_cap:
+            g0 = math.floor(self.kv_cap / size - L) + 1  # the token whose cache crosses the limit
+            duration = cost.batch_time(size, L, max(g0, 1)) if g0 >= 1 else prefill + overhead
+            st.total_tokens += size * max(g0 - 1, 0)
+            payload = (w, batch, now, True, prefill, duration - prefill - overhead)
+        else:
+            duration = cost.batch_time(size, L, G)
+            st.total_tokens += size * G
+            st.peak_kv_frac = max(st.peak_kv_frac, size * (L + G) / self.kv_cap)
+            payload = (w, batch, now, False, prefill, duration - prefill - overhead)
+        if self.ttft == "first-token" and size * L <= self.kv_cap:  # the prefill completed
+            for r in batch.requests:
+                sr = self._reqs[r.id]
+                if sr.first_token is None:
+                    sr.first_token = now + overhead + prefill
+        self._busy[w] = True
+        st.batches += 1
+        st.batch_requests += size
+        st.busy_s += duration
+        self._push(now + duration, "batch", payload)
+
+    def _batch_end(self, payload: tuple, now: float) -> None:
+        w, batch, start, oom, prefill_s, decode_s = payload
+        self._busy[w] = False
+        if oom:
+            self.stats.oom_batches += 1
+            self._fail_oom(self.policy.on_batch_oom(batch, now), now)
+            return
+        true_gen = {r.id: self._reqs[r.id].true_tokens for r in batch.requests}
+        self.policy.on_batch_done(
+            BatchOutcome(batch=batch, true_gen=true_gen, duration=now - start, prefill_s=prefill_s, decode_s=decode_s),
+            now,
+        )
+        for r in batch.requests:
+            sr = self._reqs[r.id]
+            if self.ttft == "batch-end" or sr.first_token is None:
+                sr.first_token = now
+            self._finish(sr, now, True)
+
+    # -- continuous workers ---------------------------------------------------------------------
+    def _track_reservation(self, w: int) -> None:
+        adm = self.policy.admission(w)  # type: ignore[attr-defined]
+        if adm.running > 1 or adm.used <= adm.theta:
+            self.stats.peak_reserved_frac = max(self.stats.peak_reserved_frac, adm.used / adm.theta)
+
+    def _step(self, n: int, kv: float) -> float:
+        return self.cost.step_time(n, kv / n)
+
+    def _plan(self, w: int, now: float) -> None:
+        """At a boundary with nothing scheduled: a prefill step for joiners, else a decode segment
+        up to the next departure."""
+        wk = self._ccb[w]
+        wk.version += 1
+        if wk.pending:
+            new, wk.pending = wk.pending, []
+            dt = self.cost.prefill_time(len(new), max(r.sched.prompt_tokens for r in new))
+            if wk.n:
+                dt += self._step(wk.n, wk.kv)
+                wk.kv += wk.n
+            self.stats.total_tokens += wk.n + len(new)
+            wk.it += 1
+            t = now + dt
+            for r in new:
+                self._join(wk, r, now, t)
+            wk.seg = None
+        elif wk.n:
+            wk.seg = (now, wk.it, wk.kv)
+            t, target = now, wk.heap[0][0]
+            n, kv, it = wk.n, wk.kv, wk.it
+            while it < target:
+                t += self._step(n, kv)
+                kv += n
+                it += 1
+            self.stats.total_tokens += n * (it - wk.it)
+            wk.kv, wk.it = kv, it
+        else:
+            wk.scheduled = False
+            return
+        wk.t = t
+        wk.scheduled = True
+        self.stats.busy_s += t - now
+        self.stats.peak_kv_frac = max(self.stats.peak_kv_frac, wk.kv / self.kv_cap)
+        self._push(t, "iter", (w, wk.version))
+
+    def _join(self, wk: _Continuous, r: SimRequest, admitted: float, first_token: float) -> None:
+        prompt, g = r.sched.prompt_tokens, r.true_tokens
+        run = _Running(r, wk.it, wk.it + g - 1, admitted)
+        if wk.kv + prompt + g > self.kv_cap:  # only a force-admitted request can be this large
+            g0 = max(math.floor(self.kv_cap - wk.kv - prompt) + 1, 1)
+            run.end_it, run.oom = wk.it + g0 - 1, True
+        elif r.first_token is None:
+            r.first_token = first_token
+        wk.kv += prompt + 1
+        wk.n += 1
+        self._seq += 1
+        heapq.heappush(wk.heap, (run.end_it, self._seq, run))
+
+    def _cut_segment(self, w: int, now: float) -> None:
+        """Joiners arrived mid-segment: end the segment at the first boundary at or after ``now``."""
+        wk = self._ccb[w]
+        t, it, kv = wk.seg  # type: ignore[misc]
+        n = wk.n
+        while t < now and it < wk.it:
+            t += self._step(n, kv)
+            kv += n
+            it += 1
+        if it == wk.it:
+            return  # the scheduled end is that boundary anyway
+        self.stats.total_tokens -= n * (wk.it - it)
+        self.stats.busy_s -= wk.t - t
+        wk.kv, wk.it, wk.t, wk.seg = kv, it, t, None
+        wk.version += 1
+        self._push(t, "iter", (w, wk.version))
+
+    def _iteration_end(self, w: int, now: float) -> None:
+        wk = self._ccb[w]
+        wk.scheduled = False
+        while wk.heap and wk.heap[0][0] <= wk.it:
+            _, _, run = heapq.heappop(wk.heap)
+            r = run.req
+            wk.n -= 1
+            wk.kv -= r.sched.prompt_tokens + (run.end_it - run.start_it + 1)
+            batch = Batch(requests=[r.sched], created=run.admitted)
+            if run.oom:
+                self.stats.oom_batches += 1
+                self._fail_oom(self.policy.on_batch_oom(batch, now), now)
+            else:
+                self.policy.on_batch_done(
+                    BatchOutcome(batch=batch, true_gen={r.sched.id: r.true_tokens}, duration=now - run.admitted),
+                    now,
+                )
+                self._finish(r, now, True)
+        if not wk.n:
+            wk.kv = 0.0  # no float drift when empty
+        # the dispatch that follows admits joiners and plans the next step

@@ -1,0 +1,354 @@
+"""``magnus simulate``: a discrete-event simulator of the service at scale.
+
+The SAME scheduling code as the server (every policy via ``make_policy``, the WMA assembler, the
+KNN batch-time estimator with its continual learning, HRRN, OOM splitting) runs on a virtual
+clock against N simulated workers (``bench.sim_engine``) whose batch times come from a cost
+model: the analytical one (``--hardware`` x ``--model-profile``, a name or a HF config.json) or
+one fitted to a server's batch log (``--fit-log DB``). VSQ runs the model quantized to 4 bits.
+Theta for the policies is ``CostModel.memory_model()``; Magnus's estimator starts from the
+analytical model as its prior, as in the server.
+
+Metrics are the load generator's (``bench.load.summarize``), so simulated and measured runs
+compare one to one::
+
+    magnus simulate bench/workloads/all.jsonl --n 20000 --rates 10,20,40 --plot-dir bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from bench.load import RequestRecord, arrival_times, summarize, summary_table
+from bench.sim_engine import SimRequest, Simulation
+from bench.sim_report import PolicyRun, comparison_table, plot_sweep
+from bench.sim_workload import (
+    DEFAULT_NOISE_SIGMA,
+    Row,
+    Workload,
+    load_workload,
+    pearson_by_app,
+    predictions,
+    sample_indices,
+)
+from scheduler.costmodel import HARDWARE, MODELS, CostModel, HardwareProfile, ModelProfile, get_hardware
+from scheduler.estimator import BatchTimeEstimator
+from scheduler.factory import POLICIES, make_policy
+from scheduler.policy import Policy
+from scheduler.types import SchedRequest
+from scheduler.vs import VSQPolicy
+
+POLICY_ORDER = ("vs", "vsq", "ccb", "glp", "abp", "magnus")
+DTYPES = {"float16": 2.0, "bfloat16": 2.0, "float32": 4.0}
+
+
+# -- cost models -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CostSetup:
+    """What the simulated workers cost and what Magnus's estimator starts from."""
+
+    model: ModelProfile
+    hw: HardwareProfile  # the workers' ground truth: fitted to a batch log, or the analytical profile
+    prior_hw: HardwareProfile  # the analytical profile (the server's cold-start prior)
+    source: str
+
+    def _model(self, policy: str) -> ModelProfile:
+        return self.model.quantized(VSQPolicy.quantize_bits) if policy == "vsq" else self.model
+
+    def cost(self, policy: str) -> CostModel:
+        return CostModel(self._model(policy), self.hw)
+
+    def prior(self, policy: str) -> CostModel:
+        return CostModel(self._model(policy), self.prior_hw)
+
+
+def load_model_profile(name_or_path: str, dtype: str = "float16") -> ModelProfile:
+    """A built-in profile (``ChatGLM-6B``) or one from a HF ``config.json``, at ``dtype``."""
+    nbytes = DTYPES[dtype]
+    if name_or_path in MODELS:
+        base = MODELS[name_or_path]
+    else:
+        path = Path(name_or_path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise ValueError(f"unknown model profile {name_or_path!r}: not one of {sorted(MODELS)} nor a config.json")
+        base = ModelProfile.from_config(json.loads(path.read_text()), name=path.parent.name or path.stem)
+    return replace(base, dtype_bytes=nbytes, weight_bits=8 * nbytes)
+
+
+def read_batch_log(db: str | Path) -> list[tuple[int, int, int, float]]:
+    """``(size, L(B), true G(B), seconds)`` of the finished (not OOM) batches in a server log."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute(
+            "SELECT size, max_prompt, max_gen, prefill_s, decode_s, start, end FROM batches "
+            "WHERE COALESCE(oom, 0) = 0 AND size > 0 AND max_gen > 0"
+        ).fetchall()
+    out = []
+    for size, L, G, pre, dec, start, end in rows:
+        secs = end - start if start is not None and end is not None and end > start else (pre or 0) + (dec or 0)
+        if secs > 0:
+            out.append((int(size), int(L), int(G), float(secs)))
+    return out
+
+
+def cost_setup(hardware: str, model: ModelProfile, fit_log: str | Path | None = None) -> CostSetup:
+    """The analytical model, or (with ``fit_log``) the hardware figures fitted to that log."""
+    prior = get_hardware(hardware)
+    if fit_log is None:
+        return CostSetup(model, prior, prior, f"analytical: {model.name} on {prior.name}")
+    samples = read_batch_log(fit_log)
+    if len(samples) < 2:
+        raise ValueError(f"{fit_log}: need at least two finished batches to fit, found {len(samples)}")
+    fitted = CostModel(model, prior).fitted(samples).hw
+    return CostSetup(model, fitted, prior, f"fitted to {len(samples)} batches of {fit_log} ({model.name})")
+
+
+# -- policies --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PolicyParams:
+    """Policy knobs; None keeps each policy's own default (as ``make_policy``)."""
+
+    batch_size: int | None = None
+    max_wait: float | None = None
+    min_wait: float | None = None
+    phi: float | None = None
+    max_batch_size: int | None = None
+    reserve_frac: float = 0.1  # Theta = device memory x (1 - reserve) - weights
+    estimator_interval_s: float = 120.0
+
+
+def build_policy(name: str, setup: CostSetup, params: PolicyParams) -> Policy:
+    """The policy as the server builds it, with Theta from the cost model of its workers."""
+    memory = setup.cost(name).memory_model(reserve_frac=params.reserve_frac)
+    kwargs = {
+        "batch_size": params.batch_size, "max_wait": params.max_wait, "min_wait": params.min_wait,
+        "phi": params.phi, "max_batch_size": params.max_batch_size, "memory": memory,
+    }
+    if name == "magnus":
+        kwargs["estimator"] = BatchTimeEstimator(
+            setup.prior(name), interval_s=params.estimator_interval_s, sync_retrain=True
+        )
+    if name == "ccb":
+        kwargs["max_running"] = params.max_batch_size
+    return make_policy(name, **kwargs)
+
+
+# -- traces ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Trace:
+    """The simulated requests, shared by every policy of a run: which row, when, what prediction."""
+
+    rows: list[Row]
+    index: np.ndarray  # row of each request
+    arrivals: np.ndarray  # seconds
+    predicted: list[int]  # per row
+
+
+def make_trace(
+    workload: Workload,
+    n: int | None,
+    rate: float | None,
+    burstiness: float = 1.0,
+    seed: int = 0,
+    prediction: str = "noisy",
+    sigma: float = DEFAULT_NOISE_SIGMA,
+) -> Trace:
+    """``n`` requests (every row once when None, else sampled with replacement) arriving at
+    ``rate`` (gamma inter-arrivals, ``bench.load.arrival_times``) or at the file's times."""
+    rows = workload.rows
+    pred = predictions(rows, prediction, sigma, seed + 1)
+    if rate is None:
+        if workload.arrivals is None:
+            raise ValueError("give --rate (or --rates): the workload has no 'arrival' field")
+        count = len(rows) if n is None else n
+        if count > len(rows):
+            raise ValueError("--n exceeds the file's rows; file arrival times cannot be resampled")
+        index = np.arange(count)
+        arrivals = np.asarray(workload.arrivals[:count], dtype=float)
+        arrivals = arrivals - arrivals.min()
+    else:
+        index = sample_indices(len(rows), n, seed)
+        arrivals = arrival_times(len(index), rate, burstiness, np.random.default_rng(seed + 2))
+    return Trace(rows, index, arrivals, pred)
+
+
+def trace_requests(trace: Trace, with_prediction: bool) -> list[SimRequest]:
+    """Fresh request objects for one policy run (predictions only for predictive policies)."""
+    out = []
+    for k, (i, t) in enumerate(zip(trace.index.tolist(), trace.arrivals.tolist(), strict=True)):
+        row = trace.rows[i]
+        sched = SchedRequest(
+            id=f"{row.id}#{k}", prompt_tokens=row.prompt_tokens, max_tokens=row.max_tokens, arrival=t,
+            predicted_tokens=trace.predicted[i] if with_prediction else None, app=row.app,
+            true_tokens=row.output_tokens,
+        )
+        out.append(SimRequest(sched, row.app, row.output_tokens))
+    return out
+
+
+def to_record(r: SimRequest) -> RequestRecord:
+    """The load generator's record of a simulated request."""
+    s = r.sched
+    ok = r.status == "ok"
+    return RequestRecord(
+        id=s.id, app=r.app, max_tokens=s.max_tokens, send=s.arrival, first_token=r.first_token if ok else None,
+        end=r.end, completion_tokens=r.true_tokens if ok else None, prompt_tokens=s.prompt_tokens,
+        finish_reason=("length" if r.true_tokens >= s.max_tokens else "stop") if ok else None,
+        status=r.status or "unfinished", error=r.error,
+    )
+
+
+def simulate_policy(
+    name: str,
+    trace: Trace,
+    setup: CostSetup,
+    params: PolicyParams = PolicyParams(),
+    workers: int = 8,
+    ttft: str = "batch-end",
+    progress: bool = False,
+    rate: float | None = None,
+) -> tuple[PolicyRun, list[SimRequest]]:
+    """Run one policy on a trace; returns its metrics and the simulated requests."""
+    start = time.perf_counter()
+    policy = build_policy(name, setup, params)
+    reqs = trace_requests(trace, policy.needs_prediction)
+    stats = Simulation(policy, setup.cost(name), workers, ttft=ttft, progress=progress).run(reqs)
+    summary = summarize([to_record(r) for r in reqs], stats.total_tokens)
+    return PolicyRun(name, rate, summary, stats, time.perf_counter() - start), reqs
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``simulate`` options."""
+    p.add_argument("workload", type=Path, help="workload or truth JSONL (output_tokens etc. when known)")
+    p.add_argument("--policies", default=",".join(POLICY_ORDER), help="comma-separated (default: all six)")
+    p.add_argument("--rate", type=float, help="mean requests per second (omit: the file's 'arrival')")
+    p.add_argument("--rates", type=_floats, help="comma-separated rates to sweep (overrides --rate)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape 1/B; 1 = Poisson")
+    p.add_argument("--n", type=int, help="requests (default: every row once; else sampled with replacement)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--hardware", default="V100-32GB", choices=sorted(HARDWARE))
+    p.add_argument("--model-profile", default="ChatGLM-6B", help=f"{sorted(MODELS)} or a HF config.json path")
+    p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    p.add_argument("--fit-log", type=Path, help="server SQLite log: fit the hardware figures to its batches")
+    p.add_argument("--prediction", default="noisy", choices=("oracle", "noisy", "file"))
+    p.add_argument("--noise-sigma", type=float, default=DEFAULT_NOISE_SIGMA,
+                   help="log-normal sigma of --prediction noisy (default %(default)s)")
+    p.add_argument("--lengths", default="auto", choices=("auto", "truth", "synthetic"),
+                   help="true output lengths: the file's output_tokens, or the synthetic model")
+    p.add_argument("--ttft", default="batch-end", choices=("batch-end", "first-token"),
+                   help="static batches: first token at the batch end, or after the prefill (streaming)")
+    p.add_argument("--batch-size", type=int, help="VS/VSQ/GLP fixed batch size (default: the policy's)")
+    p.add_argument("--max-wait", type=float, help="VS/VSQ partial-batch wait (= --min-wait for GLP/ABP/Magnus)")
+    p.add_argument("--min-wait", type=float)
+    p.add_argument("--phi", type=float, help="WMA threshold (default: the assembler's)")
+    p.add_argument("--max-batch-size", type=int, help="ABP/Magnus cap, CCB max running")
+    p.add_argument("--reserve-frac", type=float, default=0.1, help="memory reserve for Theta")
+    p.add_argument("--estimator-interval", type=float, default=120.0, help="estimator update period (s)")
+    p.add_argument("--out", type=Path, help="result JSON")
+    p.add_argument("--md", type=Path, help="markdown report (command, notes, table)")
+    p.add_argument("--plot-dir", type=Path, help="with --rates: PNG plots of each metric against the rate")
+    p.add_argument("--plot-prefix", default="sim_", help="plot file name prefix (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _command_line() -> str:
+    prog = Path(sys.argv[0]).name
+    head = ["magnus"] if prog == "magnus" else [".venv/bin/python", "-m", "bench.simulate"]
+    return shlex.join(head + sys.argv[1:])
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run the simulation(s) the arguments describe; print and write the results."""
+    names = [x.strip().lower() for x in args.policies.split(",") if x.strip()]
+    unknown = [x for x in names if x not in POLICIES]
+    if unknown:
+        print(f"unknown policies {unknown}; known: {sorted(POLICIES)}", file=sys.stderr)
+        return 2
+    try:
+        workload = load_workload(args.workload, args.lengths, args.seed)
+        model = load_model_profile(args.model_profile, args.dtype)
+        setup = cost_setup(args.hardware, model, args.fit_log)
+    except (ValueError, OSError, sqlite3.Error) as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
+    params = PolicyParams(args.batch_size, args.max_wait, args.min_wait, args.phi, args.max_batch_size,
+                          args.reserve_frac, args.estimator_interval)
+    rates: Sequence[float | None] = args.rates or [args.rate]
+    notes = list(workload.notes)
+    notes.append(f"cost model: {setup.source}")
+    notes.append(f"predictions: {args.prediction}" + (f" (sigma {args.noise_sigma})" if args.prediction == "noisy" else ""))
+    if workload.lengths == "synthetic":
+        pear = pearson_by_app(workload.rows)
+        notes.append("synthetic lengths, Pearson r(input, output) per app: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in pear.items()))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    runs: list[PolicyRun] = []
+    for rate in rates:
+        try:
+            trace = make_trace(workload, args.n, rate, args.burstiness, args.seed, args.prediction, args.noise_sigma)
+        except ValueError as exc:
+            print(f"simulate: {exc}", file=sys.stderr)
+            return 2
+        for name in names:
+            run, _ = simulate_policy(name, trace, setup, params, args.workers, args.ttft,
+                                     not args.no_progress, rate)
+            runs.append(run)
+            print(f"{name} rate={rate}: {run.summary.completed}/{run.summary.sent} done, "
+                  f"{run.wall_s:.1f} s wall", file=sys.stderr)
+    table = comparison_table(runs)
+    if len(runs) == 1:
+        print(summary_table(runs[0].summary))
+    print(table)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    config.update(command=_command_line(), lengths=workload.lengths, tokens=workload.tokens,
+                  cost_hw=asdict(setup.hw), model=asdict(setup.model))
+    plots: list[Path] = []
+    if args.plot_dir and len(rates) > 1:
+        title = f"{setup.model.name}, {args.workers} x {setup.hw.name}, {len(trace.index)} requests"
+        plots = plot_sweep(runs, args.plot_dir, args.plot_prefix, title)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"config": config, "notes": notes, "runs": [r.to_dict() for r in runs], "plots": [str(p) for p in plots]}
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        body = ["```", config["command"], "```", "", *[f"- {n}" for n in notes], "", table, ""]
+        body += [f"![{p.stem}]({p.name})" for p in plots]
+        args.md.write_text("\n".join(body) + "\n")
+    return 0 if all(r.summary.completed for r in runs) else 1
+
+
+def register_simulate(sub: argparse._SubParsersAction) -> None:
+    """Add the top-level ``simulate`` command to the ``magnus`` subparsers ``sub``."""
+    p = sub.add_parser("simulate", help="discrete-event simulation of the policies at scale",
+                       description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.set_defaults(func=cmd_simulate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.simulate ...``: the command without the ``magnus`` entry point."""
+    parser = argparse.ArgumentParser(prog="python -m bench.simulate", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return int(cmd_simulate(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

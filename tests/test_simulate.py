@@ -1,0 +1,276 @@
+"""Tests of ``magnus simulate`` (bench/simulate.py, bench/sim_*.py): the event loop drives the real
+policies on a virtual clock. Small synthetic workloads; the whole file runs in seconds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.sim_engine import OOM_STATUS, SimRequest, Simulation
+from bench.sim_workload import Row, Workload, load_workload, predictions
+from bench.simulate import (
+    POLICY_ORDER,
+    CostSetup,
+    PolicyParams,
+    build_policy,
+    cost_setup,
+    load_model_profile,
+    main,
+    make_trace,
+    read_batch_log,
+    register_simulate,
+    simulate_policy,
+)
+from scheduler.costmodel import CHATGLM_6B, HARDWARE, CostModel, GiB
+from scheduler.memory import MemoryModel
+from scheduler.predictive import ABPPolicy, MagnusPolicy
+from scheduler.types import SchedRequest
+from scheduler.vs import VanillaPolicy
+
+V100 = HARDWARE["V100-32GB"]
+SETUP = CostSetup(CHATGLM_6B, V100, V100, "test")
+APPS = ("machine_translation", "grammar_correction", "code_commenting")
+
+
+# -- a small synthetic workload generator -----------------------------------------------------------
+def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
+    """Workload-plus-truth lines: input 5..400 tokens, output ~ a * input with noise, some hitting
+    max_tokens."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        app = APPS[i % len(APPS)]
+        inp = int(math.exp(rng.uniform(math.log(5), math.log(400))))
+        expected = max(1, round(inp * (0.6, 1.0, 1.4)[i % 3]))
+        max_tokens = min(512, math.ceil(1.3 * expected) + 16)
+        out = min(max_tokens, max(1, round(expected * math.exp(rng.gauss(0, 0.2)))))
+        rows.append({
+            "id": f"s-{i:04d}", "app": app, "instruction": "Do the task.", "input": "x" * (4 * inp),
+            "max_tokens": max_tokens, "input_tokens": inp, "prompt_tokens": inp + 20, "output_tokens": out,
+        })
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_workload(rows: list[Row]) -> Workload:
+    return Workload(rows, None, "truth", "file")
+
+
+def sim_requests(shapes: list[tuple[int, int, int, float, int | None]]) -> list[SimRequest]:
+    """``(prompt, true, max_tokens, arrival, predicted)`` -> simulated requests."""
+    return [
+        SimRequest(SchedRequest(f"q{i}", p, m, t, predicted_tokens=pred, true_tokens=g), "app", g)
+        for i, (p, g, m, t, pred) in enumerate(shapes)
+    ]
+
+
+# -- workload side ----------------------------------------------------------------------------------
+def test_load_workload_truth_and_estimates(tmp_path: Path) -> None:
+    rows = synthetic_rows(30)
+    wl = load_workload(str(write_rows(tmp_path / "t.jsonl", rows)))
+    assert wl.lengths == "truth" and wl.tokens == "file" and not wl.notes
+    assert [r.output_tokens for r in wl.rows] == [r["output_tokens"] for r in rows]
+    bare = [{k: v for k, v in r.items() if k not in ("output_tokens", "prompt_tokens", "input_tokens")} for r in rows]
+    syn = load_workload(str(write_rows(tmp_path / "w.jsonl", bare)))
+    assert syn.lengths == "synthetic" and "estimated" in syn.tokens and len(syn.notes) == 2
+    assert all(1 <= r.output_tokens <= r.max_tokens for r in syn.rows)
+    assert syn.rows[0].input_tokens == math.ceil(len(bare[0]["input"]) / 4)
+    with pytest.raises(ValueError):
+        load_workload(str(tmp_path / "w.jsonl"), lengths="truth")
+
+
+def test_predictions_modes() -> None:
+    rows = [Row(f"r{i}", "a", 10, 20, 500, 100 + i) for i in range(2000)]
+    assert predictions(rows, "oracle") == [r.output_tokens for r in rows]
+    noisy = np.array(predictions(rows, "noisy", sigma=0.35, seed=1), dtype=float)
+    ratio = np.log(noisy / np.array([r.output_tokens for r in rows]))
+    assert abs(float(np.median(ratio))) < 0.05 and 0.3 < float(ratio.std()) < 0.4
+    with pytest.raises(ValueError):
+        predictions(rows, "file")
+
+
+# -- the event loop ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", POLICY_ORDER)
+def test_every_request_finishes_or_fails_exactly_once(name: str) -> None:
+    wl = make_workload(load_rows(synthetic_rows(120, seed=3)))
+    trace = make_trace(wl, 400, rate=30.0, seed=5, prediction="noisy")
+    run, reqs = simulate_policy(name, trace, SETUP, PolicyParams(), workers=3)
+    assert all(r.status in ("ok", OOM_STATUS) for r in reqs)  # a second finish would have raised
+    s = run.summary
+    assert s.sent == 400 and s.completed + sum(s.errors.values()) == 400
+    assert s.completed == 400  # everything fits a V100 alone
+    assert all(r.end is not None and r.end >= r.sched.arrival for r in reqs)
+    assert s.valid_tokens == sum(r.true_tokens for r in reqs)
+    assert run.sim.total_tokens >= s.valid_tokens
+    if name == "ccb":
+        assert run.sim.total_tokens == s.valid_tokens  # no padding in continuous batching
+
+
+def load_rows(rows: list[dict]) -> list[Row]:
+    return [Row(r["id"], r["app"], r["input_tokens"], r["prompt_tokens"], r["max_tokens"], r["output_tokens"])
+            for r in rows]
+
+
+def test_static_batch_time_equals_cost_model() -> None:
+    cost = CostModel(CHATGLM_6B, V100)
+    shapes = [(100, 50, 512, 0.0, None), (300, 200, 512, 0.0, None), (40, 10, 512, 0.0, None)]
+    sim = Simulation(VanillaPolicy(batch_size=3, max_wait=0.0), cost, n_workers=1)
+    reqs = sim_requests(shapes)
+    stats = sim.run(reqs)
+    expected = cost.batch_time(3, 300, 200)  # L(B) = 300, true G(B) = 200
+    assert stats.batches == 1 and stats.total_tokens == 3 * 200
+    for r in reqs:  # static batch: everyone ends (and, by default, gets its first token) at the end
+        assert r.end == pytest.approx(expected) and r.first_token == pytest.approx(expected)
+    streaming = Simulation(VanillaPolicy(batch_size=3, max_wait=0.0), cost, 1, ttft="first-token")
+    reqs = sim_requests(shapes)
+    streaming.run(reqs)
+    assert reqs[0].first_token == pytest.approx(cost.prefill_time(3, 300) + cost.hw.batch_overhead_s)
+
+
+def test_ccb_lone_request_costs_prefill_plus_decode() -> None:
+    cost = CostModel(CHATGLM_6B, V100)
+    policy = build_policy("ccb", SETUP, PolicyParams())
+    reqs = sim_requests([(120, 80, 200, 0.0, None)])
+    Simulation(policy, cost, 1).run(reqs)
+    assert reqs[0].end == pytest.approx(cost.prefill_time(1, 120) + cost.decode_time(1, 120, 80))
+    assert reqs[0].first_token == pytest.approx(cost.prefill_time(1, 120))
+
+
+def test_ccb_joiner_waits_for_the_next_iteration_boundary() -> None:
+    cost = CostModel(CHATGLM_6B, V100)
+    policy = build_policy("ccb", SETUP, PolicyParams())
+    first_step_end = cost.prefill_time(1, 100)
+    arrive = first_step_end + 0.5 * cost.step_time(1, 101)  # mid way through the first decode step
+    reqs = sim_requests([(100, 50, 100, 0.0, None), (60, 5, 100, arrive, None)])
+    stats = Simulation(policy, cost, 1).run(reqs)
+    boundary = first_step_end + cost.step_time(1, 101)
+    joined = boundary + cost.prefill_time(1, 60) + cost.step_time(1, 102)
+    assert reqs[1].first_token == pytest.approx(joined)
+    assert stats.total_tokens == 55
+
+
+def test_oom_splits_and_finishes_everything() -> None:
+    # A device whose KV capacity holds 12,000 tokens; ABP is told 4x more memory than there is,
+    # and predictions are 4x too short, so its batches run out of memory and get split.
+    cap_tokens = 12_000
+    hw = replace(V100, mem_bytes=CHATGLM_6B.weight_bytes + cap_tokens * CHATGLM_6B.delta)
+    cost = CostModel(CHATGLM_6B, hw)
+    memory = MemoryModel(delta=CHATGLM_6B.delta, theta=4 * cap_tokens * CHATGLM_6B.delta)
+    shapes = [(200, 400, 512, 0.001 * i, 100) for i in range(40)]
+    shapes.append((6000, 7000, 8000, 0.05, 10))  # cannot fit even alone
+    reqs = sim_requests(shapes)
+    sim = Simulation(ABPPolicy(memory=memory), cost, n_workers=2)
+    stats = sim.run(reqs)
+    assert stats.oom_batches >= 2 and stats.batch_requests > len(reqs)  # a batch ran again after its split
+    failed = [r for r in reqs if r.status == OOM_STATUS]
+    assert [r.sched.id for r in failed] == ["q40"] and "insufficient_memory" in (failed[0].error or "")
+    ok = [r for r in reqs if r.status == "ok"]
+    assert len(ok) == 40 and all(r.end is not None for r in ok)
+    assert stats.peak_kv_frac <= 1.0  # every batch that ran to the end fitted
+
+
+def test_magnus_beats_vs_on_a_pilot_like_workload() -> None:
+    """The paper's pilot, repeated: ~1000-token and ~10-token requests interleaved."""
+    rng = random.Random(0)
+    rows = []
+    for i in range(70):
+        big = i % 7 == 3
+        n_in, n_out = (rng.randint(970, 1030), rng.randint(970, 1030)) if big else (rng.randint(8, 12), rng.randint(8, 12))
+        rows.append(Row(f"p{i}", "pilot", n_in, n_in + 10, 1100 if big else 32, n_out))
+    trace = make_trace(make_workload(rows), None, rate=1.0, seed=0, prediction="noisy", sigma=0.1)
+    vs, _ = simulate_policy("vs", trace, SETUP, PolicyParams(batch_size=7), workers=1)
+    magnus, _ = simulate_policy("magnus", trace, SETUP, PolicyParams(min_wait=0.5), workers=1)
+    assert vs.summary.completed == magnus.summary.completed == 70
+    assert magnus.summary.response_time["mean"] < 0.5 * vs.summary.response_time["mean"]
+    assert magnus.summary.valid_token_throughput >= vs.summary.valid_token_throughput
+
+
+def test_ccb_admission_never_reserves_more_than_theta() -> None:
+    wl = make_workload(load_rows(synthetic_rows(200, seed=1)))
+    trace = make_trace(wl, 600, rate=200.0, seed=2)  # overload: admission is what limits
+    small = CostSetup(CHATGLM_6B, replace(V100, mem_bytes=16 * GiB), replace(V100, mem_bytes=16 * GiB), "test")
+    run, _ = simulate_policy("ccb", trace, small, PolicyParams(), workers=2)
+    theta = small.cost("ccb").memory_model().theta
+    assert 0.8 < run.sim.peak_reserved_frac <= 1.0  # admission binds, never beyond Theta
+    kv_capacity = 16 * GiB - CHATGLM_6B.weight_bytes
+    assert run.sim.peak_kv_frac * kv_capacity <= theta  # so the true cache stays within it too
+    assert run.sim.oom_batches == 0 and run.summary.completed == 600
+
+
+def test_magnus_estimator_learns_during_the_run() -> None:
+    wl = make_workload(load_rows(synthetic_rows(200, seed=4)))
+    trace = make_trace(wl, 800, rate=20.0, seed=4)
+    policy = build_policy("magnus", SETUP, PolicyParams(estimator_interval_s=30.0))
+    assert isinstance(policy, MagnusPolicy)
+    from bench.simulate import trace_requests
+
+    Simulation(policy, SETUP.cost("magnus"), 4).run(trace_requests(trace, True))
+    assert policy.estimator.using_knn and policy.estimator.n_train >= policy.estimator.min_samples
+
+
+# -- cost models --------------------------------------------------------------------------------------
+def test_fit_log_recovers_the_cost_model(tmp_path: Path) -> None:
+    cfg = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
+           "intermediate_size": 1536, "vocab_size": 49152, "hidden_act": "silu", "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = load_model_profile(str(tmp_path / "config.json"), "float32")
+    assert model.dtype_bytes == 4 and model.weight_bits == 32
+    truth = CostModel(model, replace(HARDWARE["cpu-local"], mfu=0.2, mbu=0.4, step_overhead_s=0.02))
+    db = tmp_path / "log.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE batches (id INTEGER PRIMARY KEY, size INTEGER, max_prompt INTEGER, max_gen "
+                     "INTEGER, prefill_s REAL, decode_s REAL, start REAL, end REAL, oom INTEGER)")
+        rng = random.Random(0)
+        for _ in range(40):
+            b, L, G = rng.randint(1, 8), rng.randint(10, 300), rng.randint(2, 200)
+            t = truth.batch_time(b, L, G)
+            conn.execute("INSERT INTO batches (size, max_prompt, max_gen, prefill_s, decode_s, start, end, oom) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, 0)", (b, L, G, 0.0, t, 1000.0, 1000.0 + t))
+        conn.execute("INSERT INTO batches (size, max_prompt, max_gen, prefill_s, decode_s, start, end, oom) "
+                     "VALUES (4, 10, 10, 0, 0, 0, 99, 1)")  # an OOM batch is not a timing sample
+    assert len(read_batch_log(db)) == 40
+    setup = cost_setup("cpu-local", model, db)
+    fitted = setup.cost("vs")
+    for shape in [(1, 20, 20), (8, 300, 200), (4, 100, 50)]:
+        assert fitted.batch_time(*shape) == pytest.approx(truth.batch_time(*shape), rel=0.02)
+    assert setup.prior_hw == HARDWARE["cpu-local"] or setup.prior_hw.name == "cpu-local"
+
+
+def test_vsq_runs_the_quantized_model() -> None:
+    assert SETUP.cost("vsq").model.weight_bytes == pytest.approx(CHATGLM_6B.weight_bytes / 4)
+    assert SETUP.cost("vsq").memory_model().theta > SETUP.cost("vs").memory_model().theta
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+def test_cli_sweep_writes_json_markdown_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wl = write_rows(tmp_path / "w.jsonl", synthetic_rows(60))
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    rc = main([str(wl), "--policies", "vs,magnus", "--rates", "5,20", "--n", "150", "--workers", "2",
+               "--out", str(out), "--md", str(md), "--plot-dir", str(tmp_path), "--plot-prefix", "t_",
+               "--no-progress"])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert [(r["policy"], r["rate"]) for r in doc["runs"]] == [("vs", 5.0), ("magnus", 5.0), ("vs", 20.0), ("magnus", 20.0)]
+    assert all(r["summary"]["completed"] == 150 for r in doc["runs"])
+    assert "| magnus | 20 |" in capsys.readouterr().out
+    assert "bench.simulate" in md.read_text() and "| vs | 5 |" in md.read_text()
+    assert (tmp_path / "t_mean_response_time.png").stat().st_size > 1000
+
+
+def test_register_simulate_adds_the_command(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="magnus")
+    register_simulate(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["simulate", "w.jsonl", "--rate", "3", "--policies", "ccb"])
+    assert callable(args.func) and args.rate == 3.0 and args.policies == "ccb"
