@@ -65,6 +65,8 @@ def create_app(settings: Settings) -> FastAPI:
             engine = Engine(policy, worker_configs(settings, state.info), state.request_log, state.metrics,
                             state.info.name, observe=observe)
             await engine.start()
+            state.metrics.bind_learners(
+                learners.predictor.stats if learners.predictor is not None else None, learners.estimator)
             learners.start(settings.estimator_interval_s)
             state.engine = engine
             log.info("serving %s with policy %s", state.info.name, policy.name)

@@ -33,3 +33,18 @@ class Metrics:
             "body_too_large, unauthorized, shutting_down)", ["reason"], registry=r)
         self.timeouts = Counter("magnus_timed_out_requests", "requests past request_timeout_s, cancelled",
                                 ["stage"], registry=r)
+
+    def bind_learners(self, predictor_stats=None, estimator=None) -> None:
+        """Expose the learners' state, read at scrape time (cold start is visible as trained=0)."""
+        if predictor_stats is not None:
+            for key, doc in (("trained", "1 once a forest is trained (0: cold-start fallback)"),
+                             ("train_size", "rows in the predictor's training set"),
+                             ("retrains", "predictor retraining rounds"),
+                             ("last_mae", "out-of-bag MAE of the current forest (tokens)")):
+                g = Gauge(f"magnus_predictor_{key}", doc, registry=self.registry)
+                g.set_function(lambda k=key: float(predictor_stats().get(k, -1.0)))
+        if estimator is not None:
+            Gauge("magnus_estimator_using_knn", "1 once the KNN batch-time estimator replaced the cost model",
+                  registry=self.registry).set_function(lambda: float(estimator.using_knn))
+            Gauge("magnus_estimator_train_size", "batches in the estimator's training set",
+                  registry=self.registry).set_function(lambda: float(estimator.n_train))
