@@ -29,6 +29,11 @@ class _SamplingParams(BaseModel):
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (0 only)")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported")
 
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        return 0.0 if v < 1e-5 else v  # as in vLLM: a vanishing temperature is greedy (logits/T would overflow)
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str]:

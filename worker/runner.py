@@ -170,7 +170,8 @@ class BatchRunner:
             if row.req.top_p < 1.0:
                 sorted_p, idx = probs.sort(descending=True)
                 cum = sorted_p.cumsum(0)
-                keep = cum - sorted_p < row.req.top_p  # always keeps the top token
+                keep = cum - sorted_p < row.req.top_p
+                keep[0] = True  # the top token always (a top_p below float32's range would keep none)
                 sorted_p = sorted_p * keep
                 probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
             next_ids[i] = torch.multinomial(probs, 1, generator=g)[0]
