@@ -135,7 +135,42 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0 if summary.completed else 1
 
 
-LEAVES: list[Callable[[Subparsers], None]] = [add_workload, add_truth, add_load]
+def add_compare(leaves: Subparsers) -> None:
+    p = leaves.add_parser("compare", help="run the policies on identical load, each on a real server")
+    p.add_argument("--policies", default="vs,vsq,ccb,glp,abp,magnus", help="comma-separated (default: all six)")
+    p.add_argument("--rates", required=True, type=lambda s: [float(x) for x in s.split(",") if x.strip()],
+                   help="comma-separated request rates (req/s)")
+    p.add_argument("--workload", required=True, type=Path, help="workload JSONL (file order, cycled to --n)")
+    p.add_argument("--n", type=int, help="requests per run (default: the whole file)")
+    p.add_argument("--duration", type=float, help="stop sending after this many seconds per run")
+    p.add_argument("--grace", type=float, default=120.0,
+                   help="seconds to wait for in-flight requests once sending stops; the rest time out (default 120)")
+    p.add_argument("--timeout", type=float, default=600.0, help="client timeout per request (s)")
+    p.add_argument("--model", default="default", help="served model: 'default', a HF id or a local dir")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times (the same for every policy)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape 1/B; 1 = Poisson")
+    p.add_argument("--server-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="a `magnus serve` setting for every server, e.g. batch_size=8 (repeatable)")
+    p.add_argument("--predictor-model", type=Path, help="trained length-predictor file for glp/abp/magnus")
+    p.add_argument("--warmup-train", type=Path, metavar="TRUTH",
+                   help="without --predictor-model: first train one on this JSONL (magnus predictor train)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up requests per server (default 2)")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds a server may take to start")
+    p.add_argument("--work-dir", type=Path,
+                   help="servers' directories: <work-dir>/<policy>, recreated (default: a new temporary one)")
+    p.add_argument("--out-dir", type=Path, default=Path("bench/results"), help="default bench/results")
+    p.add_argument("--name", default="compare_cpu", help="result file stem (default compare_cpu)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bench.compare import cmd_compare as run
+
+    return run(args)
+
+
+LEAVES: list[Callable[[Subparsers], None]] = [add_workload, add_truth, add_load, add_compare]
 
 
 def add_leaves(leaves: Subparsers) -> None:

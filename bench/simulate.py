@@ -110,7 +110,11 @@ def cost_setup(hardware: str, model: ModelProfile, fit_log: str | Path | None = 
     if len(samples) < 2:
         raise ValueError(f"{fit_log}: need at least two finished batches to fit, found {len(samples)}")
     fitted = CostModel(model, prior).fitted(samples).hw
-    return CostSetup(model, fitted, prior, f"fitted to {len(samples)} batches of {fit_log} ({model.name})")
+    return CostSetup(model, fitted, prior, (
+        f"fitted to {len(samples)} batches of {fit_log} ({model.name} on {prior.name}: mfu {fitted.mfu:.3g}, "
+        f"mbu {fitted.mbu:.3g}, step overhead {fitted.step_overhead_s:.3g} s, batch overhead "
+        f"{fitted.batch_overhead_s:.3g} s)"
+    ))
 
 
 # -- policies --------------------------------------------------------------------------------------
@@ -293,6 +297,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     notes = list(workload.notes)
     notes.append(f"cost model: {setup.source}")
     notes.append(f"predictions: {args.prediction}" + (f" (sigma {args.noise_sigma})" if args.prediction == "noisy" else ""))
+    mem = setup.cost("vs").memory_model(reserve_frac=params.reserve_frac)
+    notes.append(f"{args.workers} workers; Theta {mem.theta / 2**30:.1f} GiB = {mem.theta / mem.delta:,.0f} KV tokens "
+                 f"(Delta {mem.delta / 1024:.0f} KiB/token, reserve {params.reserve_frac:g}); "
+                 f"policy defaults unless given: {asdict(params)}")
+    if "vsq" in names:
+        q = setup.cost("vsq").model
+        notes.append(f"VSQ runs {q.name}: weights {q.weight_bytes / 2**30:.1f} GiB instead of "
+                     f"{model.weight_bytes / 2**30:.1f} GiB, in memory AND in the cost model's weight-reading "
+                     "time (no dequantization overhead is modelled)")
     if workload.lengths == "synthetic":
         pear = pearson_by_app(workload.rows)
         notes.append("synthetic lengths, Pearson r(input, output) per app: "

@@ -119,7 +119,17 @@ class ModelProfile:
 
     @property
     def weight_bytes(self) -> float:
+        """Bytes the weights occupy in memory."""
         return self.params * self.weight_bits / 8
+
+    @property
+    def weight_traffic_bytes(self) -> float:
+        """Bytes moved per forward pass to use the weights. Quantized weights (bitsandbytes-style)
+        are read packed and dequantized to the compute dtype before the matmul, so they cost
+        their packed size plus one pass in the compute dtype: less memory, not less traffic."""
+        if self.weight_bits >= 8 * self.dtype_bytes:
+            return self.weight_bytes
+        return self.weight_bytes + self.params * self.dtype_bytes
 
     def quantized(self, bits: float) -> ModelProfile:
         """The same model with ``bits``-bit weights (the KV cache keeps its dtype)."""
@@ -173,18 +183,18 @@ class CostModel:
 
     def prefill_time(self, size: int, max_prompt: int) -> float:
         compute = 2 * self.model.params * size * max_prompt / self.hw.flops
-        return max(compute, self.model.weight_bytes / self.hw.bandwidth)
+        return max(compute, self.model.weight_traffic_bytes / self.hw.bandwidth)
 
     def step_time(self, size: int, kv_tokens: int) -> float:
         """One decode step with ``kv_tokens`` cached tokens per sequence."""
-        mem = (self.model.weight_bytes + size * kv_tokens * self.model.delta) / self.hw.bandwidth
+        mem = (self.model.weight_traffic_bytes + size * kv_tokens * self.model.delta) / self.hw.bandwidth
         return mem + 2 * self.model.params * size / self.hw.flops + self.hw.step_overhead_s
 
     def decode_time(self, size: int, max_prompt: int, max_gen: int) -> float:
         """Sum of the ``G - 1`` decode steps in closed form (the KV cache grows by one each step)."""
         n = max(max_gen - 1, 0)
         kv_token_reads = size * (n * max_prompt + n * (n + 1) / 2)
-        mem = (n * self.model.weight_bytes + kv_token_reads * self.model.delta) / self.hw.bandwidth
+        mem = (n * self.model.weight_traffic_bytes + kv_token_reads * self.model.delta) / self.hw.bandwidth
         compute = 2 * self.model.params * size * n / self.hw.flops
         return mem + compute + n * self.hw.step_overhead_s
 
@@ -225,11 +235,11 @@ def _design_row(
     """Coefficients of ``[1/F, 1/BW, s, c]`` in the batch time (linear once the prefill branch is fixed)."""
     n = max(max_gen - 1, 0)
     flops = 2 * model.params * size * n
-    mem = n * model.weight_bytes + size * (n * max_prompt + n * (n + 1) / 2) * model.delta
+    mem = n * model.weight_traffic_bytes + size * (n * max_prompt + n * (n + 1) / 2) * model.delta
     if prefill_compute:
         flops += 2 * model.params * size * max_prompt
     else:
-        mem += model.weight_bytes
+        mem += model.weight_traffic_bytes
     return [flops, mem, float(n), 1.0]
 
 
@@ -259,7 +269,7 @@ def fit_hardware(
     branch: list[bool] | None = None
     for _ in range(iters):
         new_branch = [
-            2 * model.params * b * L * x[0] >= model.weight_bytes * x[1] for b, L, _G, _t in data
+            2 * model.params * b * L * x[0] >= model.weight_traffic_bytes * x[1] for b, L, _G, _t in data
         ]
         if new_branch == branch:
             break

@@ -130,11 +130,19 @@ class BatchTimeEstimator:
         err = abs(self.estimate(rec.size, rec.max_prompt, rec.true_gen) - rec.seconds)
         return err > self.err_abs_s and err > self.err_rel * rec.seconds
 
+    def _select(self, recs: list[BatchRecord]) -> list[BatchRecord]:
+        """:meth:`selected` for many records with one estimator query."""
+        if not recs:
+            return []
+        est = self.estimate_many([(r.size, r.max_prompt, r.true_gen) for r in recs])
+        return [r for r, e in zip(recs, est, strict=True)
+                if abs(e - r.seconds) > self.err_abs_s and abs(e - r.seconds) > self.err_rel * r.seconds]
+
     def update(self, now: float) -> int:
         """Run the selection over the pending batches; returns how many joined the training set."""
         self._last_update = now
         pending, self._pending = self._pending, []
-        chosen = [r for r in pending if self.selected(r)]
+        chosen = self._select(pending)
         for r in chosen:
             self._add(r)
         if chosen:

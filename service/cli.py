@@ -33,12 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(serve)
     serve.set_defaults(func=_serve)
-    for mod in ("predictor.cli", "bench.cli"):  # optional tool packages register their own subcommands
-        try:
-            importlib.import_module(mod).register(sub)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    # tool packages register their own subcommands
+    for mod, fn in (("predictor.cli", "register"), ("bench.cli", "register"), ("bench.simulate", "register_simulate")):
+        getattr(importlib.import_module(mod), fn)(sub)
     return parser
 
 

@@ -21,7 +21,7 @@ class _SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="int64, as in vLLM")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -245,7 +245,8 @@ def test_fit_log_recovers_the_cost_model(tmp_path: Path) -> None:
     fitted = setup.cost("vs")
     for shape in [(1, 20, 20), (8, 300, 200), (4, 100, 50)]:
         assert fitted.batch_time(*shape) == pytest.approx(truth.batch_time(*shape), rel=0.02)
-    assert setup.prior_hw == HARDWARE["cpu-local"] or setup.prior_hw.name == "cpu-local"
+    assert setup.prior_hw.name == "cpu-local" and setup.prior_hw.mfu == HARDWARE["cpu-local"].mfu  # prior unfitted
+    assert "fitted to 40 batches" in setup.source
 
 
 def test_vsq_runs_the_quantized_model() -> None:
@@ -274,3 +275,19 @@ def test_register_simulate_adds_the_command(tmp_path: Path) -> None:
     register_simulate(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["simulate", "w.jsonl", "--rate", "3", "--policies", "ccb"])
     assert callable(args.func) and args.rate == 3.0 and args.policies == "ccb"
+
+
+def test_file_arrivals_and_file_predictions(tmp_path: Path) -> None:
+    rows = synthetic_rows(40)
+    for i, r in enumerate(rows):
+        r["arrival"] = 100.0 + 0.5 * i  # a trace; times are taken relative to its first arrival
+        r["predicted_tokens"] = r["output_tokens"] + 3
+    wl = load_workload(str(write_rows(tmp_path / "trace.jsonl", rows)))
+    trace = make_trace(wl, None, rate=None, prediction="file")
+    assert trace.arrivals.tolist() == [0.5 * i for i in range(40)]
+    assert trace.predicted == [r["output_tokens"] + 3 for r in rows]
+    run, reqs = simulate_policy("abp", trace, SETUP, PolicyParams(), workers=2)
+    assert run.summary.completed == 40 and reqs[5].sched.predicted_tokens == rows[5]["output_tokens"] + 3
+    with pytest.raises(ValueError):
+        make_trace(wl, 41, rate=None)
+    assert main([str(tmp_path / "trace.jsonl"), "--policies", "vs", "--no-progress"]) == 0

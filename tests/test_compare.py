@@ -1,0 +1,122 @@
+"""`magnus bench compare`: real servers on the tiny model, the bounded runner, the plots."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench import cli
+from bench.client import make_client
+from bench.compare import parse_settings, run_bounded
+from bench.plots import plot_metrics
+from bench.workloads import Request, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("request_throughput", "mean_response_time", "p95_response_time", "valid_token_throughput",
+           "total_token_throughput")
+
+
+def assert_png(path: Path) -> None:
+    assert path.stat().st_size > 1000, path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.size[0] > 200 and im.size[1] > 150
+
+
+def write_workload(path: Path, tokenizer_dir: str, n: int = 6) -> None:
+    """A few real workload rows with short limits; ``input_tokens``/``output_tokens`` make the
+    same file usable as --warmup-train (the random tiny model always runs to its max_tokens)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = read_jsonl(ROOT / "bench" / "workloads" / "test.jsonl")[:n]
+    with path.open("w") as fh:
+        for i, row in enumerate(rows):
+            row["input"] = row["input"][:300]
+            row["max_tokens"] = 4 + 2 * (i % 3)
+            row["input_tokens"] = len(tok(row["input"], add_special_tokens=False).input_ids)
+            row["output_tokens"] = row["max_tokens"]
+            fh.write(json.dumps(row) + "\n")
+
+
+def test_compare_tiny_model(tiny_model_dir: str, tmp_path: Path) -> None:
+    workload, out, work = tmp_path / "wl.jsonl", tmp_path / "results", tmp_path / "work"
+    write_workload(workload, tiny_model_dir)
+    n, rates = 4, (2.0, 4.0)
+    rc = cli.main([
+        "compare", "--policies", "vs,magnus", "--rates", ",".join(map(str, rates)), "--workload", str(workload),
+        "--n", str(n), "--duration", "20", "--grace", "60", "--model", tiny_model_dir,
+        "--server-setting", "batch_size=4", "--server-setting", "max_wait=0.05",
+        "--warmup-train", str(workload), "--work-dir", str(work), "--out-dir", str(out), "--name", "compare_t",
+        "--no-progress",
+    ])
+    assert rc == 0
+    doc = json.loads((out / "compare_t.json").read_text())
+    assert doc["failed"] == {}
+    rows = {(r["policy"], r["rate"]): r for r in doc["runs"]}
+    assert set(rows) == {(p, r) for p in ("vs", "magnus") for r in rates}
+    for row in rows.values():
+        assert row["sent"] == n and row["completed"] == n and row["errors"] == 0, row
+        assert row["request_throughput"] > 0 and row["mean_response_time"] > 0
+        assert row["total_token_throughput"] >= row["valid_token_throughput"] > 0
+    assert doc["machine"]["cpu_count"] >= 1 and doc["config"]["n"] == n
+
+    md = (out / "compare_t.md").read_text()
+    assert "magnus bench compare --policies vs,magnus" in md and "| 4 | magnus | 4 / 4 |" in md
+    for metric in METRICS:
+        assert_png(out / f"compare_t_{metric}.png")
+
+    # the predictive server ran on its own copy of the trained predictor, and used it
+    assert (work / "magnus" / "predictor.joblib").exists() and not (work / "vs" / "predictor.joblib").exists()
+    with sqlite3.connect(work / "magnus" / "log.db") as conn:
+        predicted = conn.execute("SELECT COUNT(predicted_tokens) FROM requests").fetchone()[0]
+    assert predicted >= n * len(rates)
+
+
+def test_run_bounded_never_hangs() -> None:
+    """A server that accepts and never answers: the run ends after the grace period, all timeouts."""
+
+    async def go() -> tuple[list, float]:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(-1)  # read until the client gives up
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reqs = [Request(f"r{i}", "grammar_correction", "Correct.", "hello", 8) for i in range(3)]
+        started = time.perf_counter()
+        async with make_client(f"http://127.0.0.1:{port}", timeout=600) as client:
+            records = await run_bounded(client, "m", reqs, [0.0, 0.1, 5.0], duration=0.5, grace=0.5,
+                                        progress=False)
+        server.close()
+        return records, time.perf_counter() - started
+
+    records, took = asyncio.run(go())
+    assert [r.status for r in records] == ["timeout", "timeout"]  # the third arrives after --duration
+    assert took < 5
+
+
+def test_plot_metrics(tmp_path: Path) -> None:
+    rows = [
+        {"policy": p, "rate": r, "request_throughput": r * k, "mean_response_time": 1 / k,
+         "total_token_throughput": None}
+        for k, p in enumerate(("vs", "magnus", "custom"), start=1) for r in (0.5, 1.0, 2.0)
+    ]
+    paths = plot_metrics(rows, tmp_path, "t")
+    assert [p.name for p in paths] == ["t_request_throughput.png", "t_mean_response_time.png"]  # no data: no PNG
+    for p in paths:
+        assert_png(p)
+
+
+def test_server_settings() -> None:
+    assert parse_settings(["batch_size=8", "max-wait=0.1"]) == {"batch_size": "8", "max_wait": "0.1"}
+    for bad in ("policy=vs", "batch_size", "predictor_model=x"):
+        with pytest.raises(ValueError):
+            parse_settings([bad])
