@@ -291,6 +291,7 @@ def write_report(out_dir: Path, name: str, doc: dict, runs: Sequence[Run]) -> tu
     json_path.write_text(json.dumps(doc, indent=1) + "\n")
     c, m = doc["config"], doc["machine"]
     served = sorted({f.get("served_model", "?") for f in doc["servers"].values()})
+    stop = "all requests" if c["duration"] is None else f"{c['duration']:g} s"
     lines = [
         f"# Policy comparison: {name}", "", "```", c["command"], "```", "",
         f"- machine: {m['cpu_count']} CPUs, torch threads {m['torch_threads']} (torch default; servers' "
@@ -300,8 +301,8 @@ def write_report(out_dir: Path, name: str, doc: dict, runs: Sequence[Run]) -> tu
         + (", ".join(f"{k}={v}" for k, v in c["settings"].items()) or "defaults"),
         f"- workload: `{c['workload']}`, {c['n']} requests per run (file order, cycled), seed {c['seed']}, "
         f"Poisson arrivals (burstiness {c['burstiness']:g}), identical for every policy",
-        f"- bounds: sending stops after {c['duration'] or 'all'} s, then at most {c['grace']:g} s grace; "
-        "unanswered requests count as timeout errors",
+        f"- bounds: sending stops after {stop}, "
+        f"then at most {c['grace']:g} s grace; unanswered requests count as timeout errors",
         f"- length predictor for {', '.join(sorted(PREDICTIVE))}: {c['predictor']}",
         f"- started {doc['started']}, took {doc['wall_s']:.0f} s",
     ]
@@ -360,10 +361,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     predictor, predictor_note = args.predictor_model, "none (cold-start fallback)"
     if predictor is not None:
+        if not predictor.is_file():
+            print(f"compare: no predictor model file {predictor}", file=sys.stderr)
+            return 2
         predictor_note = f"`{predictor}`"
     elif args.warmup_train is not None and PREDICTIVE.intersection(policies):
-        predictor = train_predictor(args.warmup_train, work / "predictor.joblib")
+        try:
+            predictor = train_predictor(args.warmup_train, work / "predictor.joblib")
+        except subprocess.CalledProcessError as exc:
+            print(f"compare: training the predictor failed ({exc})", file=sys.stderr)
+            return 1
         predictor_note = f"trained on `{args.warmup_train}` (magnus predictor train --from-jsonl)"
+    elif PREDICTIVE.intersection(policies):
+        print("compare: no --predictor-model or --warmup-train: predictive policies start untrained",
+              file=sys.stderr)
 
     runs: list[Run] = []
     servers: dict[str, dict] = {}

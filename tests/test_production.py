@@ -586,7 +586,9 @@ def test_graceful_shutdown_and_learners_survive_restart(tiny_model_dir: str, tmp
             await asyncio.wait_for(first.wait(), 30)
             queued = [asyncio.create_task(c.post("/chat/completions", json=chat)) for _ in range(6)]
             await await_until(lambda: metric(srv, "magnus_waiting_requests") == 6, 10, "six waiting")
+            worker = worker_pid(srv)
             srv.proc.send_signal(signal.SIGTERM)
+            os.kill(worker, signal.SIGTERM)  # as systemd or `kill -- -PGID` would: the worker keeps running
             await await_until(lambda: httpx.get(srv.base_url + "/health").status_code == 503, 5, "draining")
             health = httpx.get(srv.base_url + "/health")
             late = await c.post("/chat/completions", json=chat)
@@ -598,6 +600,7 @@ def test_graceful_shutdown_and_learners_survive_restart(tiny_model_dir: str, tmp
     assert len(text) > 0  # the running batch finished and streamed to the end
     assert all(r.status_code == 503 and error_code(r) == "shutting_down" for r in queued), [r.text for r in queued]
     assert srv.proc.wait(60) == 0
+    assert "restarting" not in srv.log()  # the worker ignored SIGTERM and finished its batch
     assert statuses(srv) == Counter({"ok": 4, "error": 6})  # every request logged: the log was flushed
     rows, samples = _learned(tmp_path / "state")
     assert (rows, samples) == (4, 4)

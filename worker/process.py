@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import traceback
 from collections.abc import Callable
@@ -33,6 +34,10 @@ class WorkerConfig:
 
 def _main(conn, cfg: WorkerConfig) -> None:
     """Worker process body: load, announce, then run batches until told to stop."""
+    # The parent owns the lifecycle (stop message, pipe EOF, kill): a Ctrl-C or a SIGTERM sent to
+    # the whole process group must not abort the running batch while the server drains.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         import torch
 
