@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.load import Summary
+from bench.plots import plot_metrics
 from bench.sim_engine import SimStats
 
 
@@ -65,32 +66,7 @@ METRICS = {
 
 
 def plot_sweep(runs: Sequence[PolicyRun], plot_dir: Path, prefix: str = "sim_", title: str = "") -> list[Path]:
-    """One PNG per metric: the metric against the request rate, a line per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    policies = list(dict.fromkeys(r.policy for r in runs))
-    markers = "osD^vx*+"
-    out = []
-    for key, (label, get) in METRICS.items():
-        fig, ax = plt.subplots(figsize=(5.0, 3.6), dpi=120)
-        for i, p in enumerate(policies):
-            pts = sorted((r.rate, get(r.summary)) for r in runs if r.policy == p and r.rate is not None)
-            pts = [(x, y) for x, y in pts if y is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker=markers[i % len(markers)], label=p.upper())
-        ax.set_xlabel("request rate (req/s)")
-        ax.set_ylabel(label)
-        if title:
-            ax.set_title(title, fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = plot_dir / f"{prefix}{key}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        out.append(path)
-    return out
+    """One PNG per metric: the metric against the request rate, a line per policy (bench.plots)."""
+    rows = [{"policy": r.policy, "rate": r.rate, **{k: get(r.summary) for k, (_, get) in METRICS.items()}}
+            for r in runs]
+    return plot_metrics(rows, plot_dir, prefix.rstrip("_"), metrics=tuple(METRICS), title=title)
