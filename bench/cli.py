@@ -56,7 +56,11 @@ def add_truth(leaves: Subparsers) -> None:
     p = leaves.add_parser("truth", help="record true generation lengths of a workload from a server")
     p.add_argument("workload", type=Path, help="workload JSONL")
     p.add_argument("out", type=Path, help="output JSONL (workload lines plus lengths)")
-    p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--base-url", help="server root, e.g. http://127.0.0.1:8000")
+    src.add_argument("--from-log", type=Path, metavar="DB",
+                     help="instead of sending requests, take the lengths a server already logged (SQLite "
+                          "request log) for the workload's requests; rows it never served are left out")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--model", help="model name (default: the first the server lists)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
@@ -65,10 +69,16 @@ def add_truth(leaves: Subparsers) -> None:
 
 def cmd_truth(args: argparse.Namespace) -> int:
     from bench.client import make_client, resolve_model
-    from bench.truth import collect_truth, pearson_table
+    from bench.truth import collect_truth, pearson_table, truth_from_log
     from bench.workloads import read_jsonl, write_jsonl
 
     rows = read_jsonl(args.workload)
+    if args.from_log:
+        out = truth_from_log(rows, args.from_log)
+        write_jsonl(args.out, out)
+        print(pearson_table(out))
+        print(f"wrote {len(out)} of {len(rows)} workload lines found in {args.from_log} to {args.out}")
+        return 0 if out else 1
 
     async def go() -> list[dict]:
         client = make_client(args.base_url, timeout=args.timeout)

@@ -7,7 +7,7 @@
 Memory is sampled every ``--sample-s`` seconds for the server process and all its children (the
 worker processes, including restarted ones). Growth is measured from the first sample after the
 warm-up (``--warmup-s``: model caches, allocator pools and the tokenizer fill up first) to the last,
-with a least-squares slope in MiB per minute. Loopback only; it stops by itself at the deadline.
+(medians of three samples at each end), with a least-squares slope in MiB per minute. Loopback only; it stops by itself at the deadline.
 Not part of CI.
 """
 
@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import median
 
 import httpx
 import openai
@@ -133,14 +134,17 @@ async def soak(url: str, pid: int, minutes: float, concurrency: int, max_tokens:
     samples.append(Sample(time.monotonic() - t0, s, w, n, sum(outcomes.values())))
     await c.close()
     steady = [x for x in samples if x.t >= warmup_s] or samples[-1:]
-    base, last = steady[0], samples[-1]
+    first, last = steady[:3], steady[-3:]  # medians of three: one batch's transient peak is no trend
+
+    def growth(key: str) -> float:
+        return round(median(getattr(x, key) for x in last) - median(getattr(x, key) for x in first), 1)
+
     return SoakResult(
         minutes=minutes, requests=sum(outcomes.values()), outcomes=dict(outcomes),
-        baseline_mib=round(base.total_mib, 1), final_mib=round(last.total_mib, 1),
-        growth_mib=round(last.total_mib - base.total_mib, 1),
+        baseline_mib=round(median(x.total_mib for x in first), 1), final_mib=round(median(x.total_mib for x in last), 1),
+        growth_mib=growth("total_mib"),
         slope_mib_per_min=round(slope([(x.t / 60, x.total_mib) for x in steady]), 2),
-        server_growth_mib=round(last.server_mib - base.server_mib, 1),
-        workers_growth_mib=round(last.workers_mib - base.workers_mib, 1),
+        server_growth_mib=growth("server_mib"), workers_growth_mib=growth("workers_mib"),
         samples=[asdict(x) for x in samples],
     )
 

@@ -17,7 +17,9 @@ line plus:
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -67,6 +69,26 @@ async def collect_truth(
     for row, result, n_input in zip(rows, results, input_tokens, strict=True):
         extra = {"input_tokens": n_input, **result} if "error" not in result else result
         out.append({**row, **extra})
+    return out
+
+
+def truth_from_log(rows: Sequence[dict], db: Path) -> list[dict]:
+    """The workload rows a server already answered, with the lengths from its SQLite request log
+    (matched on system text and user text; the latest successful answer wins)."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        logged = {
+            (app_text, user_text): (inp, comp, prompt, reason)
+            for app_text, user_text, inp, comp, prompt, reason in conn.execute(
+                "SELECT app_text, user_text, input_tokens, completion_tokens, prompt_tokens, finish_reason "
+                "FROM requests WHERE status = 'ok' AND kind = 'chat' ORDER BY finish")
+        }
+    out = []
+    for row in rows:
+        hit = logged.get((row["instruction"], row["input"]))
+        if hit is not None:
+            inp, comp, prompt, reason = hit
+            out.append({**row, "input_tokens": inp, "output_tokens": comp, "prompt_tokens": prompt,
+                        "finish_reason": reason})
     return out
 
 

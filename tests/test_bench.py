@@ -191,3 +191,22 @@ def test_cli_registers_bench_leaves() -> None:
     assert (args.rate, args.burstiness, args.n, args.duration) == (2.0, 2.0, 5, 3.0)
     args = parser.parse_args(["bench", "truth", "w.jsonl", "t.jsonl", "--base-url", "http://x", "--concurrency", "2"])
     assert args.concurrency == 2 and callable(args.func)
+
+
+def test_truth_from_request_log(tmp_path) -> None:
+    from bench.truth import truth_from_log
+    from service.requestlog import RequestLog, RequestRecord
+
+    log = RequestLog(tmp_path / "log.db")
+    base = dict(model="m", kind="chat", prompt_tokens=30, max_tokens=50, finish_reason="stop", error=None,
+                predicted_tokens=None, predicted_high=None, arrival=1.0, dispatch=1.0, first_token=1.5, finish=2.0,
+                batch_id=1, worker=0)
+    log.add(RequestRecord(id="a", app_text="Fix.", user_text="x = 1", input_tokens=4, completion_tokens=7,
+                          status="ok", **base))
+    log.add(RequestRecord(id="b", app_text="Fix.", user_text="y = 2", input_tokens=4, completion_tokens=0,
+                          status="error", **base))
+    log.close()
+    rows = [{"id": "1", "app": "bug_fixing", "instruction": "Fix.", "input": "x = 1", "max_tokens": 50},
+            {"id": "2", "app": "bug_fixing", "instruction": "Fix.", "input": "y = 2", "max_tokens": 50}]
+    out = truth_from_log(rows, tmp_path / "log.db")
+    assert [(r["id"], r["output_tokens"], r["input_tokens"]) for r in out] == [("1", 7, 4)]
