@@ -32,7 +32,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MAGNUS_PORT=8000 \
     MAGNUS_CACHE_DIR=/data/models \
     MAGNUS_DB_PATH=/data/db/magnus.db \
-    MAGNUS_STATE_DIR=/data/state
+    MAGNUS_STATE_DIR=/data/state \
+    MAGNUS_MAX_WAITING_REQUESTS=1024 \
+    MAGNUS_REQUEST_TIMEOUT_S=600
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 

@@ -129,7 +129,7 @@ class Engine:
         for w in self._workers:
             await asyncio.to_thread(w.handle.stop)
         for st in list(self._states.values()):
-            self._fail(st, APIError(503, "server shutting down", code="shutdown"))
+            self._fail(st, APIError(503, "server shutting down", code="shutting_down"))
 
     # ---- requests --------------------------------------------------------------------------
     def submit(self, sub: Submission) -> RequestState:

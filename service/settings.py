@@ -57,11 +57,11 @@ class Settings(BaseSettings):
         description="accepted API keys (Authorization: Bearer KEY); none: no auth. Env: comma-separated or a JSON "
         "list; CLI: --api-key, repeatable or comma-separated")
     auth_health_metrics: bool = Field(False, description="whether /health and /metrics need an API key too")
-    max_waiting_requests: int = Field(1024, description="waiting requests past which new ones get 429 (0: no limit)")
+    max_waiting_requests: int = Field(0, description="waiting requests past which new ones get 429 (0: no limit, as in vLLM; the Docker image sets 1024)")
     max_waiting_tokens: int = Field(0, description="waiting prompt+max_tokens past which new requests get 429 (0: no limit)")
     retry_after_s: float = Field(1.0, description="Retry-After sent with 429 and 503 answers")
     max_request_bytes: int = Field(4 * 1024 * 1024, description="largest request body; larger ones get 413")
-    request_timeout_s: float = Field(600.0, description="per-request deadline from arrival to the last token; past it 504 and the request is cancelled (0: none)")
+    request_timeout_s: float = Field(0.0, description="per-request deadline from arrival to the last token; past it 504 and the request is cancelled (0: none, as in vLLM; the Docker image sets 600)")
     shutdown_timeout_s: float = Field(30.0, description="on SIGTERM: how long waiting requests may still be served before they get 503; running batches always finish")
 
     @field_validator("batch_size", "port", "max_request_bytes")

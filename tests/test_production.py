@@ -300,7 +300,7 @@ def test_container_healthcheck_script(guarded: Server) -> None:
 
 def test_timeout_and_cancel_while_waiting(guarded: Server) -> None:
     """A long request occupies the worker; of three queued requests two clients (one streaming)
-    go away and are removed from the queue; the third and the long one time out with 504."""
+    go away and are removed from the queue; the third (streaming) and the long one time out."""
     h = {"Authorization": f"Bearer {KEY}"}
     before = {s: metric(guarded, "magnus_cancelled_requests_total", stage=s) for s in ("waiting", "running")}
 
@@ -319,8 +319,14 @@ def test_timeout_and_cancel_while_waiting(guarded: Server) -> None:
 
             gone = [asyncio.create_task(stream()),
                     asyncio.create_task(c.post("/completions", json={"model": "tiny", "prompt": "b", "max_tokens": 4}))]
+            async def queued_stream() -> list[str]:
+                async with c.stream("POST", "/completions", json={
+                        "model": "tiny", "prompt": "c", "max_tokens": 4, "stream": True}) as r:
+                    assert r.status_code == 200
+                    return [line async for line in r.aiter_lines() if line]
+
             t1 = time.monotonic()
-            queued = asyncio.create_task(c.post("/completions", json={"model": "tiny", "prompt": "c", "max_tokens": 4}))
+            queued = asyncio.create_task(queued_stream())
             await await_until(lambda: metric(guarded, "magnus_waiting_requests") == 3, 10, "three waiting")
             for t in gone:
                 t.cancel()
@@ -332,9 +338,11 @@ def test_timeout_and_cancel_while_waiting(guarded: Server) -> None:
             return {"long": r_long, "queued": r_queued, "t_long": time.monotonic() - t0, "t_queued": t_queued}
 
     out = asyncio.run(asyncio.wait_for(scenario(), 60))
-    for name in ("long", "queued"):
-        r = out[name]
-        assert r.status_code == 504 and error_code(r) == "request_timeout", (name, r.text)
+    r = out["long"]
+    assert r.status_code == 504 and error_code(r) == "request_timeout", r.text
+    lines = out["queued"]  # the stream had started (200): the error arrives as an event
+    assert len(lines) == 2 and lines[1] == "data: [DONE]", lines
+    assert json.loads(lines[0].removeprefix("data: "))["error"]["code"] == "request_timeout"
     assert 2.5 < out["t_queued"] < 6 and out["t_long"] < 6, out
     assert metric(guarded, "magnus_cancelled_requests_total", stage="waiting") == before["waiting"] + 2
     assert metric(guarded, "magnus_cancelled_requests_total", stage="running") == before["running"]
