@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import time
 from collections.abc import Callable
 
@@ -46,6 +47,9 @@ class BatchRunner:
         self.oom_every = oom_every  # fault injection: every Nth batch of size > 1 runs out of memory
         self._batches = 0
         self.eos_ids = eos_ids_of(model, tokenizer)
+        # prefill needs the last position's logits only: B x L x vocab would dwarf the KV cache
+        params = inspect.signature(model.forward).parameters
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
 
     def _check_cap(self, size: int, length: int) -> None:
@@ -110,7 +114,8 @@ class BatchRunner:
             generators.append(g)
 
         t0 = time.perf_counter()
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **self._last_logits_only)
         cache = out.past_key_values
         logits = out.logits[:, -1, :]
         prefill_s = time.perf_counter() - t0
