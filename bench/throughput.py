@@ -33,11 +33,12 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
 
 
 async def http_round(base_v1: str, model: str, msgs: list, max_tokens: int) -> tuple[int, float]:
-    client = openai.AsyncOpenAI(base_url=base_v1, api_key="x", max_retries=0, timeout=3600)
-    t0 = time.perf_counter()
-    rs = await asyncio.gather(*[
-        client.chat.completions.create(model=model, messages=m, max_tokens=max_tokens, temperature=0) for m in msgs
-    ])
+    async with openai.AsyncOpenAI(base_url=base_v1, api_key="x", max_retries=0, timeout=3600) as client:
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(*[
+            client.chat.completions.create(model=model, messages=m, max_tokens=max_tokens, temperature=0)
+            for m in msgs
+        ])
     return sum(r.usage.completion_tokens for r in rs), time.perf_counter() - t0
 
 
