@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     num_workers: int = Field(0, description="worker processes (0: one per CUDA device, else 1 on CPU)")
     worker_threads: int = Field(0, description="torch threads per CPU worker (0: torch default)")
     # scheduling
-    policy: Literal["vs", "vsq", "ccb", "glp", "abp", "magnus"] = Field("vs", description="batching policy")
+    policy: Literal["vs", "vsq", "ccb", "glp", "abp", "magnus"] = Field("magnus", description="batching policy")
     batch_size: int = Field(8, description="fixed batch size (vs, vsq, glp) / sanity cap")
     max_wait: float = Field(0.05, description="seconds a partial batch may wait for companions (vs)")
     max_batch_size: int = Field(64, description="sanity cap on adaptive batch sizes (abp, magnus, ccb)")
