@@ -304,8 +304,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if "vsq" in names:
         q = setup.cost("vsq").model
         notes.append(f"VSQ runs {q.name}: weights {q.weight_bytes / 2**30:.1f} GiB instead of "
-                     f"{model.weight_bytes / 2**30:.1f} GiB, in memory AND in the cost model's weight-reading "
-                     "time (no dequantization overhead is modelled)")
+                     f"{model.weight_bytes / 2**30:.1f} GiB in memory; each forward pass reads the packed weights plus one "
+                     "dequantized copy (ModelProfile.weight_traffic_bytes), so decode is not faster")
     if workload.lengths == "synthetic":
         pear = pearson_by_app(workload.rows)
         notes.append("synthetic lengths, Pearson r(input, output) per app: "
