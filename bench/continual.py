@@ -35,7 +35,6 @@ def _retrains(base_url: str) -> float:
 
 
 async def _send(v1: str, model: str, rows: list[dict], concurrency: int) -> list[str]:
-    client = openai.AsyncOpenAI(base_url=v1, api_key="x", max_retries=0, timeout=3600)
     sem = asyncio.Semaphore(concurrency)
 
     async def one(r: dict) -> str:
@@ -45,7 +44,8 @@ async def _send(v1: str, model: str, rows: list[dict], concurrency: int) -> list
                 messages=[{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]}])
             return resp.id
 
-    return await asyncio.gather(*[one(r) for r in rows])
+    async with openai.AsyncOpenAI(base_url=v1, api_key="x", max_retries=0, timeout=3600) as client:
+        return await asyncio.gather(*[one(r) for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
