@@ -27,7 +27,7 @@ from predictor.evaluate import (
     markdown_tables,
 )
 from predictor.features import FeatureExtractor
-from predictor.forest import ForestParams, LengthForest
+from predictor.forest import TARGETS, ForestParams, LengthForest
 from predictor.trainset import TrainingSet
 
 
@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--min-samples-leaf", type=int, default=1)
     t.add_argument("--quantile", type=float, default=0.9, help="high quantile of the per-tree predictions")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--target", choices=TARGETS, default="ratio",
+                   help="what the trees learn: output/input token ratio (default) or the length itself")
     t.add_argument("--n-jobs", type=int, default=1)
     t.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of rows kept out of training to measure the model (stored in its metadata)")
@@ -94,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train and save a model file; prints a short summary."""
     params = ForestParams(n_estimators=args.n_estimators, max_depth=args.max_depth,
                           min_samples_leaf=args.min_samples_leaf, quantile=args.quantile, seed=args.seed,
-                          n_jobs=args.n_jobs)
+                          n_jobs=args.n_jobs, target=args.target)
     rows = (load_request_log(args.from_log, drop_truncated=args.drop_truncated, limit=args.limit)
             if args.from_log else load_jsonl(args.from_jsonl)[: args.limit])
     if not rows:

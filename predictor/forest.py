@@ -14,9 +14,18 @@ import sklearn
 from sklearn.ensemble import RandomForestRegressor
 from tqdm.auto import tqdm
 
+from predictor.features import INPUT_TOKENS_COL
 from predictor.trainset import ModelMismatchError, TrainingSet, check_compatible
 
 _FORMAT = "magnus-length-forest"
+TARGETS = ("ratio", "tokens")
+
+
+def _scale(target: str, X: np.ndarray) -> np.ndarray:
+    """Per-row factor from what the trees predict to tokens: the input length for "ratio"."""
+    if target == "ratio":
+        return np.maximum(np.asarray(X, dtype=np.float64)[:, INPUT_TOKENS_COL], 1.0)
+    return np.ones(len(X))
 __all__ = ["ForestParams", "LengthForest", "ModelMeta", "ModelMismatchError"]
 
 
@@ -30,8 +39,15 @@ class ForestParams:
     quantile: float = 0.9  # the "high" estimate: this quantile of the per-tree predictions
     seed: int = 0
     n_jobs: int = 1  # threads for fitting and predicting; 1 keeps background retraining gentle
+    # What the trees learn: "ratio" = output tokens per input token (the prediction is that times
+    # the input length), "tokens" = the length itself. A forest cannot extrapolate a length that
+    # grows with the input, so it does better on the ratio for input-proportional tasks
+    # (translation, rewriting, code); "tokens" is the paper's literal form.
+    target: str = "ratio"
 
     def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}")
         if self.n_estimators < 1 or self.min_samples_leaf < 1:
             raise ValueError("n_estimators and min_samples_leaf must be >= 1")
         if self.max_depth is not None and self.max_depth < 1:
@@ -79,6 +95,10 @@ class LengthForest:
     def quantile(self) -> float:
         return float(self.meta.params.get("quantile", 0.9))
 
+    @property
+    def target(self) -> str:
+        return str(self.meta.params.get("target", "tokens"))  # files from before targets: tokens
+
     @classmethod
     def fit(cls, train: TrainingSet, params: ForestParams, show_progress: bool = False,
             metrics: dict[str, float] | None = None) -> LengthForest:
@@ -89,6 +109,7 @@ class LengthForest:
             n_estimators=params.n_estimators, max_depth=params.max_depth,
             min_samples_leaf=params.min_samples_leaf, random_state=params.seed, n_jobs=params.n_jobs,
         )
+        y_fit = train.y / _scale(params.target, train.X)
         if show_progress:
             # warm_start grows the same forest in steps; sklearn keeps the seeds identical to one fit
             step = max(1, params.n_estimators // 20)
@@ -96,12 +117,12 @@ class LengthForest:
             with tqdm(total=params.n_estimators, unit="tree", desc="training") as bar:
                 while len(getattr(model, "estimators_", [])) < params.n_estimators:
                     model.set_params(n_estimators=min(params.n_estimators, bar.n + step))
-                    model.fit(train.X, train.y)
+                    model.fit(train.X, y_fit)
                     bar.update(len(model.estimators_) - bar.n)
             model.set_params(warm_start=False)
         else:
-            model.fit(train.X, train.y)
-        all_metrics = _oob_metrics(model, train, params.quantile)
+            model.fit(train.X, y_fit)
+        all_metrics = _oob_metrics(model, train, params.quantile, params.target)
         all_metrics.update(metrics or {})
         meta = ModelMeta(embedder=train.embedder, dim=train.dim, feature_version=train.feature_version,
                          train_size=len(train), params=asdict(params), metrics=all_metrics)
@@ -111,7 +132,7 @@ class LengthForest:
         """``(point, high)`` float arrays for feature rows ``X``."""
         if len(X) == 0:
             return np.zeros(0), np.zeros(0)
-        trees = _per_tree(self.model, X)
+        trees = _per_tree(self.model, X) * _scale(self.target, X)
         q = self.quantile if quantile is None else quantile
         return trees.mean(axis=0), np.quantile(trees, q, axis=0)
 
@@ -140,11 +161,12 @@ class LengthForest:
         return cls(payload["model"], meta, train)
 
 
-def _oob_metrics(model: RandomForestRegressor, train: TrainingSet, quantile: float) -> dict[str, float]:
-    """Out-of-bag error: each row predicted only by the trees whose bootstrap sample left it out."""
+def _oob_metrics(model: RandomForestRegressor, train: TrainingSet, quantile: float,
+                 target: str) -> dict[str, float]:
+    """Out-of-bag error in tokens: each row predicted only by the trees whose bootstrap sample left it out."""
     if not model.bootstrap or len(train) < 2:
         return {}
-    trees = _per_tree(model, train.X)
+    trees = _per_tree(model, train.X) * _scale(target, train.X)
     inbag = np.zeros_like(trees, dtype=bool)
     for i, samples in enumerate(model.estimators_samples_):
         inbag[i, samples] = True

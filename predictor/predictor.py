@@ -59,6 +59,7 @@ class PredictorConfig:
     err_rel: float = 0.10
     min_train: int = 20  # below this, stay on the fallback
     seed: int = 0
+    target: str = "ratio"  # what the trees learn (see predictor.forest.ForestParams.target)
     device: str | None = "cpu"  # embedder device (None: sentence-transformers picks)
     embed_threads: int | None = None  # torch threads while embedding (None: torch's default)
     n_jobs: int = 1  # forest threads (fit and predict)
@@ -76,7 +77,7 @@ class PredictorConfig:
     def forest_params(self) -> ForestParams:
         return ForestParams(n_estimators=self.n_estimators, max_depth=self.max_depth,
                             min_samples_leaf=self.min_samples_leaf, quantile=self.quantile,
-                            seed=self.seed, n_jobs=self.n_jobs)
+                            seed=self.seed, n_jobs=self.n_jobs, target=self.target)
 
 
 def select_for_training(predicted: Prediction | None, true_tokens: int, max_tokens: int, trained: bool,

@@ -344,3 +344,22 @@ def test_cli_train_eval_info(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert cli_main(["predictor", "train", "--from-log", str(db), "--out", str(from_log),
                      "--n-estimators", "5", "--threads", "1"]) == 0
     assert LengthForest.load(from_log, DEFAULT_EMBEDDER).meta.train_size == 24
+
+
+@pytest.mark.parametrize("target", ["ratio", "tokens"])
+def test_forest_target_extrapolates_only_as_ratio(target: str) -> None:
+    # output = 2 x input on inputs 10..100; asked about input 300
+    rng = np.random.default_rng(0)
+    n = 200
+    X = rng.normal(size=(n, 21)).astype(np.float32)
+    X[:, -1] = rng.integers(10, 101, size=n)
+    train = TrainingSet("e", 8, X, 2 * X[:, -1], ["a"] * n)
+    forest = LengthForest.fit(train, ForestParams(n_estimators=30, target=target))
+    q = X[:1].copy()
+    q[0, -1] = 300
+    point, high = forest.predict(q)
+    if target == "ratio":
+        assert point[0] == pytest.approx(600, rel=0.02) and high[0] >= point[0]
+    else:
+        assert point[0] <= 202  # a forest on lengths cannot leave the range it saw
+    assert forest.meta.metrics["oob_mae"] < (2 if target == "ratio" else 20)
