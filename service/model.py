@@ -70,6 +70,6 @@ def worker_configs(settings: Settings, info: ModelInfo) -> list[WorkerConfig]:
     return [
         WorkerConfig(model_dir=info.local_dir, device=d, dtype=settings.dtype, quantize=quant,
                      threads=settings.worker_threads, mem_cap_bytes=settings.mem_cap_bytes,
-                     oom_every=settings.oom_every, mode="continuous" if settings.policy == "ccb" else "static")
+                     oom_every=settings.oom_every, step_delay_s=settings.step_delay_s, mode="continuous" if settings.policy == "ccb" else "static")
         for d in devices
     ]

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     db_path: Path = Field(DATA_DIR / "magnus.db", description="SQLite request/batch log")
     # fault injection
     mem_cap_bytes: int | None = Field(None, description="fault injection: KV-cache memory cap per worker")
+    step_delay_s: float = Field(0.0, description="fault injection: sleep after every decode step (a slow device)")
     oom_every: int = Field(0, description="fault injection: every Nth multi-request batch runs out of memory")
     # production: auth, backpressure, limits, shutdown
     api_keys: Annotated[list[str], NoDecode] = Field(

@@ -254,7 +254,7 @@ def test_waiting_tokens_limit_uses_the_policy() -> None:
 def guarded(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(tmp_path_factory.mktemp("guarded"), tiny_model_dir, policy="vs", batch_size=8,
                        max_wait=0.05, api_keys=f"{KEY},sk-other", max_request_bytes=65536, request_timeout_s=3,
-                       **TINY)
+                       step_delay_s=0.005, **TINY)  # the 1000-token request must outlast the 3 s timeout
     yield srv
     srv.stop()
 
@@ -566,7 +566,7 @@ def _learned(state: Path) -> tuple[int, int]:
 
 
 def test_graceful_shutdown_and_learners_survive_restart(tiny_model_dir: str, tmp_path: Path) -> None:
-    cfg = dict(policy="magnus", shutdown_timeout_s=0.5, predictor_interval_s=3600, estimator_interval_s=3600, **TINY)
+    cfg = dict(policy="magnus", shutdown_timeout_s=0.5, step_delay_s=0.005, predictor_interval_s=3600, estimator_interval_s=3600, **TINY)
     srv = start_server(tmp_path, tiny_model_dir, **cfg)
     chat = {"model": "tiny", "messages": [{"role": "system", "content": "Repeat."},
                                           {"role": "user", "content": "one two"}], "max_tokens": 4}

@@ -29,6 +29,7 @@ class WorkerConfig:
     threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
     mem_cap_bytes: int | None = None  # fault injection: KV cache cap below the real memory
     oom_every: int = 0  # fault injection: every Nth multi-request batch runs out of memory
+    step_delay_s: float = 0.0  # fault injection: sleep after every decode step (a slow device)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,7 +69,7 @@ def _main(conn, cfg: WorkerConfig) -> None:
 
             runner: Any = ContinuousRunner(model, tok, send)
         else:
-            runner = BatchRunner(model, tok, cfg.device, delta, cfg.mem_cap_bytes, cfg.oom_every)
+            runner = BatchRunner(model, tok, cfg.device, delta, cfg.mem_cap_bytes, cfg.oom_every, cfg.step_delay_s)
         info: dict[str, Any] = {"pid": os.getpid(), "device": cfg.device, "delta": delta}
         if cfg.device.startswith("cuda"):
             free, total = torch.cuda.mem_get_info()

@@ -38,6 +38,7 @@ class BatchRunner:
         kv_bytes_per_token: int,
         mem_cap_bytes: int | None = None,
         oom_every: int = 0,
+        step_delay_s: float = 0.0,
     ) -> None:
         self.model = model
         self.tok = tokenizer
@@ -46,6 +47,7 @@ class BatchRunner:
         self.mem_cap = mem_cap_bytes
         self.oom_every = oom_every  # fault injection: every Nth batch of size > 1 runs out of memory
         self._batches = 0
+        self.step_delay_s = step_delay_s  # fault injection: a slower device, for timing-free tests
         self.eos_ids = eos_ids_of(model, tokenizer)
         # prefill needs the last position's logits only: B x L x vocab would dwarf the KV cache
         params = inspect.signature(model.forward).parameters
@@ -139,6 +141,8 @@ class BatchRunner:
                 emit(events)
             if all(row.done for row in rows) or steps >= steps_allowed:
                 break
+            if self.step_delay_s:
+                time.sleep(self.step_delay_s)
             self._check_cap(size, max_prompt + steps + 1)
             mask = torch.cat([mask, mask.new_ones((size, 1))], dim=1)
             positions = positions[:, -1:] + 1
