@@ -74,47 +74,6 @@ class Run:
 
 
 # -- one run ---------------------------------------------------------------------------------------
-async def run_bounded(
-    client: openai.AsyncOpenAI,
-    model: str,
-    requests: Sequence[Request],
-    arrivals: Sequence[float],
-    duration: float | None,
-    grace: float,
-    progress: bool = True,
-    desc: str = "",
-) -> list[RequestRecord]:
-    """``bench.load.run_load`` with a bound: after sending stops (all sent, or ``duration``
-    reached), wait at most ``grace`` seconds; cancel what is left and record it as ``timeout``."""
-    start = time.time()
-    bar = tqdm(total=len(requests), unit="req", desc=desc, disable=not progress, leave=False)
-    sent: list[tuple[Request, float, asyncio.Task[RequestRecord]]] = []
-    for req, at in zip(requests, arrivals, strict=True):
-        if duration is not None and at > duration:
-            break
-        await asyncio.sleep(max(0.0, start + at - time.time()))
-        task = asyncio.create_task(load.send_request(client, model, req))
-        task.add_done_callback(lambda _: bar.update())
-        sent.append((req, time.time(), task))
-    bar.total = len(sent)
-    bar.refresh()
-    pending: set[asyncio.Task[RequestRecord]] = set()
-    if sent:
-        _, pending = await asyncio.wait([t for _, _, t in sent], timeout=grace)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    bar.close()
-    records = []
-    for req, at, task in sent:
-        if task in pending:
-            records.append(RequestRecord(req.id, req.app, req.max_tokens, send=at, status="timeout",
-                                         error=f"no answer {grace:g} s after sending stopped"))
-        else:
-            records.append(task.result())
-    return records
-
-
 async def warm_up(client: openai.AsyncOpenAI, model: str, requests: Sequence[Request], k: int) -> list[str]:
     """Send the first ``k`` requests one by one (at most 16 tokens each); their error statuses."""
     errors = []
@@ -195,8 +154,8 @@ def run_policy(policy: str, plan: Plan, workdir: Path, predictor: Path | None) -
                 for rate in plan.rates:
                     await drain(server, plan.grace)
                     started = time.perf_counter()
-                    recs = await run_bounded(client, served, plan.requests, plan.arrivals[rate], plan.duration,
-                                             plan.grace, plan.progress, f"{policy} @ {rate:g} req/s")
+                    recs = await load.run_load(client, served, plan.requests, plan.arrivals[rate], plan.duration,
+                                               plan.progress, plan.grace, f"{policy} @ {rate:g} req/s")
                     records[rate] = (recs, time.perf_counter() - started)
                     ok = sum(r.ok for r in recs)
                     print(f"{policy} @ {rate:g} req/s: {ok}/{len(recs)} answered", file=sys.stderr)
@@ -206,9 +165,16 @@ def run_policy(policy: str, plan: Plan, workdir: Path, predictor: Path | None) -
     finally:
         server.stop()  # graceful: the request log is flushed and closed
     runs = []
+    facts["records"] = {}
     for rate, (recs, wall) in records.items():
         total = _batch_tokens(server.db_path, recs)
-        runs.append(Run(policy, rate, load.summarize(recs, total), wall, _error_examples(recs)))
+        summary = load.summarize(recs, total)
+        runs.append(Run(policy, rate, summary, wall, _error_examples(recs)))
+        # the per-request records: what ``magnus simulate --replay`` re-runs in simulation
+        path = workdir / f"records_{rate:g}.json"
+        doc = load.result_json({"policy": policy, "rate": rate, "log": str(server.db_path)}, summary, recs)
+        path.write_text(json.dumps(doc) + "\n")
+        facts["records"][f"{rate:g}"] = str(path)
     return runs, facts
 
 

@@ -49,6 +49,7 @@ class RequestRecord:
     finish_reason: str | None = None
     status: str = "ok"  # "ok", "http_<code>", "timeout", "connection" or an exception name
     error: str | None = None
+    response_id: str | None = None  # the completion's id (the server's request-log id)
 
     @property
     def ok(self) -> bool:
@@ -68,6 +69,7 @@ async def send_request(client: openai.AsyncOpenAI, model: str, req: Request) -> 
             stream_options={"include_usage": True},
         )
         async for chunk in stream:
+            rec.response_id = rec.response_id or chunk.id
             if chunk.choices:
                 choice = chunk.choices[0]
                 if rec.first_token is None and choice.delta.content:
@@ -95,26 +97,42 @@ async def run_load(
     arrivals: Sequence[float],
     duration: float | None = None,
     progress: bool = True,
+    grace: float | None = None,
+    desc: str = "",
 ) -> list[RequestRecord]:
     """Send ``requests[i]`` at ``arrivals[i]`` seconds from now (open loop) until ``duration``.
 
     Returns the records of the requests sent, in sending order, once all of them have ended.
+    With ``grace``, waits at most that many seconds after sending stops; requests still unanswered
+    then are cancelled and recorded as ``timeout``, so the run is bounded in time.
     """
     start = time.time()
-    bar = tqdm(total=len(requests), unit="req", disable=not progress)
-    tasks: list[asyncio.Task[RequestRecord]] = []
+    bar = tqdm(total=len(requests), unit="req", desc=desc, disable=not progress, leave=grace is None)
+    sent: list[tuple[Request, float, asyncio.Task[RequestRecord]]] = []
     for req, at in zip(requests, arrivals, strict=True):
         if duration is not None and at > duration:
-            bar.total = len(tasks)
-            bar.refresh()
             break
         await asyncio.sleep(max(0.0, start + at - time.time()))
         task = asyncio.create_task(send_request(client, model, req))
         task.add_done_callback(lambda _: bar.update())
-        tasks.append(task)
-    records = await asyncio.gather(*tasks)
+        sent.append((req, time.time(), task))
+    bar.total = len(sent)
+    bar.refresh()
+    pending: set[asyncio.Task[RequestRecord]] = set()
+    if sent:
+        _, pending = await asyncio.wait([t for _, _, t in sent], timeout=grace)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
     bar.close()
-    return list(records)
+    records = []
+    for req, at, task in sent:
+        if task in pending:
+            records.append(RequestRecord(req.id, req.app, req.max_tokens, send=at, status="timeout",
+                                         error=f"no answer {grace:g} s after sending stopped"))
+        else:
+            records.append(task.result())
+    return records
 
 
 def summary_stats(values: Sequence[float]) -> dict[str, float | None]:

@@ -6,6 +6,7 @@ clock against N simulated workers (the loop mirrors ``service.engine.Engine``).
   request ends at the batch end. If the true peak ``b (L + G_true) Delta + weights`` exceeds the
   device memory, the batch runs out of memory while producing token ``g0``, the first whose
   cache crosses the limit: ``batch_time(b, L, g0)`` is charged, then ``policy.on_batch_oom``.
+  The worker takes its next batch ``turnaround_s`` after a batch ends (the engine's round trip).
 * Continuous workers (CCB): iteration-level. Requests the policy admits join at the worker's
   next iteration boundary; that iteration costs ``prefill_time`` of the joiners plus
   ``step_time(running, mean KV tokens)`` of the others. A request leaves after its TRUE length
@@ -43,6 +44,7 @@ class SimRequest:
     end: float | None = None
     status: str | None = None  # None while in flight, then "ok" or OOM_STATUS
     error: str | None = None
+    send: float | None = None  # when the client sent it, if earlier than ``sched.arrival`` (ingress)
 
 
 @dataclass
@@ -93,7 +95,8 @@ class _Continuous:
 class Simulation:
     """One run of ``policy`` on ``n_workers`` workers whose batches cost what ``cost`` says on a
     device of ``device_bytes``. ``ttft``: ``batch-end`` (a static batch's requests get their
-    first token at its end) or ``first-token`` (after its prefill, as the streaming server)."""
+    first token at its end) or ``first-token`` (after its prefill, as the streaming server).
+    ``turnaround_s``: a static worker's delay between a batch's end and taking the next one."""
 
     def __init__(
         self,
@@ -103,6 +106,7 @@ class Simulation:
         device_bytes: float | None = None,
         ttft: str = "batch-end",
         progress: bool = False,
+        turnaround_s: float = 0.0,
     ) -> None:
         if n_workers < 1:
             raise ValueError("need at least one worker")
@@ -117,6 +121,7 @@ class Simulation:
             raise ValueError("the weights do not fit on the device")
         self.ttft = ttft
         self.progress = progress
+        self.turnaround_s = turnaround_s
         self.continuous = isinstance(policy, CCBPolicy)
         self.stats = SimStats()
         self._heap: list[tuple[float, int, int, str, object]] = []
@@ -173,6 +178,8 @@ class Simulation:
     def _handle(self, kind: str, payload: object, now: float) -> None:
         if kind == "batch":
             self._batch_end(payload, now)  # type: ignore[arg-type]
+        elif kind == "free":
+            self._busy[payload] = False  # type: ignore[index]
         elif kind == "iter":
             w, version = payload  # type: ignore[misc]
             if self._ccb[w].version == version:
@@ -254,12 +261,15 @@ class Simulation:
         self._busy[w] = True
         st.batches += 1
         st.batch_requests += size
-        st.busy_s += duration
+        st.busy_s += duration + self.turnaround_s
         self._push(now + duration, "batch", payload)
 
     def _batch_end(self, payload: tuple, now: float) -> None:
         w, batch, start, oom, prefill_s, decode_s = payload
-        self._busy[w] = False
+        if self.turnaround_s > 0:
+            self._push(now + self.turnaround_s, "free", w)
+        else:
+            self._busy[w] = False
         if oom:
             self.stats.oom_batches += 1
             self._fail_oom(self.policy.on_batch_oom(batch, now), now)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sqlite3
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.load import RequestRecord, arrival_times, summarize, summary_table
+from bench.replay import NO_OVERHEADS, Overheads, compare_table, fit_overheads, read_records, replay_workload
 from bench.sim_engine import SimRequest, Simulation
 from bench.sim_report import PolicyRun, comparison_table, plot_sweep
 from bench.sim_workload import (
@@ -86,12 +88,16 @@ def load_model_profile(name_or_path: str, dtype: str = "float16") -> ModelProfil
     return replace(base, dtype_bytes=nbytes, weight_bits=8 * nbytes)
 
 
-def read_batch_log(db: str | Path) -> list[tuple[int, int, int, float]]:
-    """``(size, L(B), true G(B), seconds)`` of the finished (not OOM) batches in a server log."""
+def read_batch_log(
+    db: str | Path, window: tuple[float, float] | None = None
+) -> list[tuple[int, int, int, float]]:
+    """``(size, L(B), true G(B), seconds)`` of the finished (not OOM) batches in a server log;
+    with ``window`` (wall-clock seconds), only the batches that started within it."""
+    lo, hi = window if window is not None else (-math.inf, math.inf)
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         rows = conn.execute(
             "SELECT size, max_prompt, max_gen, prefill_s, decode_s, start, end FROM batches "
-            "WHERE COALESCE(oom, 0) = 0 AND size > 0 AND max_gen > 0"
+            "WHERE COALESCE(oom, 0) = 0 AND size > 0 AND max_gen > 0 AND start >= ? AND start <= ?", (lo, hi)
         ).fetchall()
     out = []
     for size, L, G, pre, dec, start, end in rows:
@@ -101,17 +107,23 @@ def read_batch_log(db: str | Path) -> list[tuple[int, int, int, float]]:
     return out
 
 
-def cost_setup(hardware: str, model: ModelProfile, fit_log: str | Path | None = None) -> CostSetup:
-    """The analytical model, or (with ``fit_log``) the hardware figures fitted to that log."""
+def cost_setup(
+    hardware: str, model: ModelProfile, fit_log: str | Path | None = None,
+    window: tuple[float, float] | None = None,
+) -> CostSetup:
+    """The analytical model, or (with ``fit_log``) the hardware figures fitted to that log's
+    batches (those that started within ``window``, when given)."""
     prior = get_hardware(hardware)
     if fit_log is None:
         return CostSetup(model, prior, prior, f"analytical: {model.name} on {prior.name}")
-    samples = read_batch_log(fit_log)
+    samples = read_batch_log(fit_log, window)
     if len(samples) < 2:
-        raise ValueError(f"{fit_log}: need at least two finished batches to fit, found {len(samples)}")
+        raise ValueError(f"{fit_log}: need at least two finished batches to fit, found {len(samples)}"
+                         + (" in the replayed run's time window" if window else ""))
     fitted = CostModel(model, prior).fitted(samples).hw
+    scope = " started during the replayed run" if window else ""
     return CostSetup(model, fitted, prior, (
-        f"fitted to {len(samples)} batches of {fit_log} ({model.name} on {prior.name}: mfu {fitted.mfu:.3g}, "
+        f"fitted to {len(samples)} batches{scope} of {fit_log} ({model.name} on {prior.name}: mfu {fitted.mfu:.3g}, "
         f"mbu {fitted.mbu:.3g}, step overhead {fitted.step_overhead_s:.3g} s, batch overhead "
         f"{fitted.batch_overhead_s:.3g} s)"
     ))
@@ -186,27 +198,34 @@ def make_trace(
     return Trace(rows, index, arrivals, pred)
 
 
-def trace_requests(trace: Trace, with_prediction: bool) -> list[SimRequest]:
-    """Fresh request objects for one policy run (predictions only for predictive policies)."""
+def trace_requests(trace: Trace, with_prediction: bool, ingress_s: float = 0.0) -> list[SimRequest]:
+    """Fresh request objects for one policy run (predictions only for predictive policies); the
+    scheduler sees each ``ingress_s`` after its client sent it."""
     out = []
     for k, (i, t) in enumerate(zip(trace.index.tolist(), trace.arrivals.tolist(), strict=True)):
         row = trace.rows[i]
         sched = SchedRequest(
-            id=f"{row.id}#{k}", prompt_tokens=row.prompt_tokens, max_tokens=row.max_tokens, arrival=t,
+            id=f"{row.id}#{k}", prompt_tokens=row.prompt_tokens, max_tokens=row.max_tokens, arrival=t + ingress_s,
             predicted_tokens=trace.predicted[i] if with_prediction else None, app=row.app,
             true_tokens=row.output_tokens,
         )
-        out.append(SimRequest(sched, row.app, row.output_tokens))
+        out.append(SimRequest(sched, row.app, row.output_tokens, send=t))
     return out
 
 
-def to_record(r: SimRequest) -> RequestRecord:
-    """The load generator's record of a simulated request."""
+def to_record(r: SimRequest, egress_s: float = 0.0) -> RequestRecord:
+    """The load generator's record of a simulated request (the client gets its tokens
+    ``egress_s`` after the engine)."""
     s = r.sched
     ok = r.status == "ok"
+
+    def client(t: float | None) -> float | None:
+        return None if t is None else t + egress_s
+
     return RequestRecord(
-        id=s.id, app=r.app, max_tokens=s.max_tokens, send=s.arrival, first_token=r.first_token if ok else None,
-        end=r.end, completion_tokens=r.true_tokens if ok else None, prompt_tokens=s.prompt_tokens,
+        id=s.id, app=r.app, max_tokens=s.max_tokens, send=s.arrival if r.send is None else r.send,
+        first_token=client(r.first_token) if ok else None,
+        end=client(r.end), completion_tokens=r.true_tokens if ok else None, prompt_tokens=s.prompt_tokens,
         finish_reason=("length" if r.true_tokens >= s.max_tokens else "stop") if ok else None,
         status=r.status or "unfinished", error=r.error,
     )
@@ -221,13 +240,16 @@ def simulate_policy(
     ttft: str = "batch-end",
     progress: bool = False,
     rate: float | None = None,
+    overheads: Overheads = NO_OVERHEADS,
 ) -> tuple[PolicyRun, list[SimRequest]]:
     """Run one policy on a trace; returns its metrics and the simulated requests."""
     start = time.perf_counter()
     policy = build_policy(name, setup, params)
-    reqs = trace_requests(trace, policy.needs_prediction)
-    stats = Simulation(policy, setup.cost(name), workers, ttft=ttft, progress=progress).run(reqs)
-    summary = summarize([to_record(r) for r in reqs], stats.total_tokens)
+    reqs = trace_requests(trace, policy.needs_prediction, overheads.ingress_s)
+    sim = Simulation(policy, setup.cost(name), workers, ttft=ttft, progress=progress,
+                     turnaround_s=overheads.turnaround_s)
+    stats = sim.run(reqs)
+    summary = summarize([to_record(r, overheads.egress_s) for r in reqs], stats.total_tokens)
     return PolicyRun(name, rate, summary, stats, time.perf_counter() - start), reqs
 
 
@@ -238,7 +260,13 @@ def _floats(text: str) -> list[float]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``simulate`` options."""
-    p.add_argument("workload", type=Path, help="workload or truth JSONL (output_tokens etc. when known)")
+    p.add_argument("workload", type=Path, nargs="?",
+                   help="workload or truth JSONL (output_tokens etc. when known); not with --replay")
+    p.add_argument("--replay", type=Path, metavar="RECORDS.json",
+                   help="re-run a measured run (magnus bench load --out, or compare's records_<rate>.json): its "
+                        "requests at their send times, and a measured-vs-simulated table")
+    p.add_argument("--overheads", default="auto", choices=("auto", "none"),
+                   help="auto: with --replay and a log, add the ingress/egress/turnaround fitted from them")
     p.add_argument("--policies", default=",".join(POLICY_ORDER), help="comma-separated (default: all six)")
     p.add_argument("--rate", type=float, help="mean requests per second (omit: the file's 'arrival')")
     p.add_argument("--rates", type=_floats, help="comma-separated rates to sweep (overrides --rate)")
@@ -250,6 +278,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-profile", default="ChatGLM-6B", help=f"{sorted(MODELS)} or a HF config.json path")
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     p.add_argument("--fit-log", type=Path, help="server SQLite log: fit the hardware figures to its batches")
+    p.add_argument("--fit-window", default="all", choices=("all", "run"),
+                   help="with --replay: fit to the whole log (all), or to the batches of the replayed run only")
     p.add_argument("--prediction", default="noisy", choices=("oracle", "noisy", "file"))
     p.add_argument("--noise-sigma", type=float, default=DEFAULT_NOISE_SIGMA,
                    help="log-normal sigma of --prediction noisy (default %(default)s)")
@@ -284,11 +314,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown policies {unknown}; known: {sorted(POLICIES)}", file=sys.stderr)
         return 2
+    if (args.workload is None) == (args.replay is None):
+        print("simulate: give a workload file or --replay RECORDS.json (one of them)", file=sys.stderr)
+        return 2
+    measured, overheads = None, NO_OVERHEADS
     try:
-        workload = load_workload(args.workload, args.lengths, args.seed)
+        if args.replay is not None:
+            if args.rate is not None or args.rates or args.n is not None:
+                raise ValueError("--replay takes the run's own requests and send times: no --rate/--rates/--n")
+            replay_config, records = read_records(args.replay)
+            measured = summarize(records)
+            logged = replay_config.get("log")
+            if args.fit_log is None and logged and Path(logged).exists():
+                args.fit_log = Path(logged)
+            workload = replay_workload(records, args.fit_log)
+            if args.fit_log is not None and args.overheads == "auto":
+                overheads = fit_overheads(records, args.fit_log)
+        else:
+            workload = load_workload(args.workload, args.lengths, args.seed)
         model = load_model_profile(args.model_profile, args.dtype)
-        setup = cost_setup(args.hardware, model, args.fit_log)
-    except (ValueError, OSError, sqlite3.Error) as exc:
+        window = measured.window if measured is not None and args.fit_window == "run" else None
+        setup = cost_setup(args.hardware, model, args.fit_log, window)
+    except (ValueError, OSError, sqlite3.Error, TypeError, KeyError) as exc:
         print(f"simulate: {exc}", file=sys.stderr)
         return 2
     params = PolicyParams(args.batch_size, args.max_wait, args.min_wait, args.phi, args.max_batch_size,
@@ -296,6 +343,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     rates: Sequence[float | None] = args.rates or [args.rate]
     notes = list(workload.notes)
     notes.append(f"cost model: {setup.source}")
+    if overheads.samples:
+        notes.append(f"overheads outside the batch, fitted to the replayed records and the log: {overheads.describe()}")
+    elif measured is not None:
+        notes.append("no overheads outside the batch simulated (--overheads none, no log, or records without "
+                     "completion ids)")
     notes.append(f"predictions: {args.prediction}" + (f" (sigma {args.noise_sigma})" if args.prediction == "noisy" else ""))
     mem = setup.cost("vs").memory_model(reserve_frac=params.reserve_frac)
     notes.append(f"{args.workers} workers; Theta {mem.theta / 2**30:.1f} GiB = {mem.theta / mem.delta:,.0f} KV tokens "
@@ -321,7 +373,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             return 2
         for name in names:
             run, _ = simulate_policy(name, trace, setup, params, args.workers, args.ttft,
-                                     not args.no_progress, rate)
+                                     not args.no_progress, rate, overheads)
             runs.append(run)
             print(f"{name} rate={rate}: {run.summary.completed}/{run.summary.sent} done, "
                   f"{run.wall_s:.1f} s wall", file=sys.stderr)
@@ -329,6 +381,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if len(runs) == 1:
         print(summary_table(runs[0].summary))
     print(table)
+    versus = ""
+    if measured is not None:
+        versus = "\n\n".join(f"{r.policy} replayed vs measured:\n\n{compare_table(measured, r.summary)}" for r in runs)
+        print(versus)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     config.update(command=_command_line(), lengths=workload.lengths, tokens=workload.tokens,
                   cost_hw=asdict(setup.hw), model=asdict(setup.model))
@@ -339,10 +395,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"config": config, "notes": notes, "runs": [r.to_dict() for r in runs], "plots": [str(p) for p in plots]}
+        if measured is not None:
+            doc["measured"] = asdict(measured)
+            doc["overheads"] = asdict(overheads)
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         body = ["```", config["command"], "```", "", *[f"- {n}" for n in notes], "", table, ""]
+        if versus:
+            body += [versus, ""]
         body += [f"![{p.stem}]({p.name})" for p in plots]
         args.md.write_text("\n".join(body) + "\n")
     return 0 if all(r.summary.completed for r in runs) else 1

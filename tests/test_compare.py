@@ -13,7 +13,8 @@ from PIL import Image
 
 from bench import cli
 from bench.client import make_client
-from bench.compare import parse_settings, run_bounded
+from bench.compare import parse_settings
+from bench.load import run_load
 from bench.plots import plot_metrics
 from bench.workloads import Request, read_jsonl
 
@@ -81,7 +82,7 @@ def test_compare_tiny_model(tiny_model_dir: str, tmp_path: Path) -> None:
     assert predicted >= n * len(rates)
 
 
-def test_run_bounded_never_hangs() -> None:
+def test_run_load_with_grace_never_hangs() -> None:
     """A server that accepts and never answers: the run ends after the grace period, all timeouts."""
 
     async def go() -> tuple[list, float]:
@@ -93,8 +94,8 @@ def test_run_bounded_never_hangs() -> None:
         reqs = [Request(f"r{i}", "grammar_correction", "Correct.", "hello", 8) for i in range(3)]
         started = time.perf_counter()
         async with make_client(f"http://127.0.0.1:{port}", timeout=600) as client:
-            records = await run_bounded(client, "m", reqs, [0.0, 0.1, 5.0], duration=0.5, grace=0.5,
-                                        progress=False)
+            records = await run_load(client, "m", reqs, [0.0, 0.1, 5.0], duration=0.5, progress=False,
+                                     grace=0.5)
         server.close()
         return records, time.perf_counter() - started
 
