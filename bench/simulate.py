@@ -324,7 +324,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 raise ValueError("--replay takes the run's own requests and send times: no --rate/--rates/--n")
             replay_config, records = read_records(args.replay)
             measured = summarize(records)
-            logged = replay_config.get("log")
+            logged = replay_config.get("log") or replay_config.get("db")  # compare / bench load
             if args.fit_log is None and logged and Path(logged).exists():
                 args.fit_log = Path(logged)
             workload = replay_workload(records, args.fit_log)
