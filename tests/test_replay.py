@@ -12,7 +12,15 @@ import pytest
 from bench.load import RequestRecord, result_json, summarize
 from bench.replay import Overheads, fit_overheads, read_records, replay_workload
 from bench.sim_workload import Row, Workload
-from bench.simulate import PolicyParams, cost_setup, load_model_profile, main, make_trace, simulate_policy, to_record
+from bench.simulate import (
+    PolicyParams,
+    cost_setup,
+    load_model_profile,
+    main,
+    make_trace,
+    simulate_policy,
+    to_record,
+)
 from service.requestlog import connect
 
 SETUP = cost_setup("V100-32GB", load_model_profile("ChatGLM-6B"))
