@@ -16,6 +16,7 @@ from bench.client import make_client
 from bench.compare import parse_settings
 from bench.load import run_load
 from bench.plots import plot_metrics
+from bench.simulate import main as simulate
 from bench.workloads import Request, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,21 @@ def test_compare_tiny_model(tiny_model_dir: str, tmp_path: Path) -> None:
     with sqlite3.connect(work / "magnus" / "log.db") as conn:
         predicted = conn.execute("SELECT COUNT(predicted_tokens) FROM requests").fetchone()[0]
     assert predicted >= n * len(rates)
+
+    # each run's records replay in the simulator against that server's real log: the completion
+    # ids join, so the overheads are fitted on every request, and Magnus gets its logged predictions
+    for policy in ("vs", "magnus"):
+        records = work / policy / f"records_{rates[-1]:g}.json"
+        result = tmp_path / f"replay_{policy}.json"
+        extra = ["--batch-size", "4"] if policy == "vs" else ["--prediction", "file"]
+        assert simulate(["--replay", str(records), "--policies", policy, "--workers", "1", "--hardware", "cpu-local",
+                         "--model-profile", str(Path(tiny_model_dir) / "config.json"), "--dtype", "float32",
+                         "--max-wait", "0.05", "--ttft", "first-token", *extra, "--out", str(result),
+                         "--no-progress"]) == 0
+        replay = json.loads(result.read_text())
+        assert replay["overheads"]["samples"] == n and replay["overheads"]["ingress_s"] > 0
+        assert replay["measured"]["completed"] == replay["runs"][0]["summary"]["completed"] == n
+        assert any("fitted to" in note and str(work / policy / "log.db") in note for note in replay["notes"])
 
 
 def test_run_load_with_grace_never_hangs() -> None:
