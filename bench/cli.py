@@ -29,8 +29,8 @@ def add_workload(leaves: Subparsers) -> None:
 
 
 def cmd_workload(args: argparse.Namespace) -> int:
-    from bench.builder import BuildConfig, build_workload, workload_stats
-    from bench.workloads import APPS, write_jsonl
+    from bench.workload.builder import BuildConfig, build_workload, workload_stats
+    from bench.workload.records import APPS, write_jsonl
 
     config = BuildConfig(
         n=args.n, seed=args.seed, english_man_pages=args.english_man_pages, stdlib_files=args.stdlib_files
@@ -68,9 +68,9 @@ def add_truth(leaves: Subparsers) -> None:
 
 
 def cmd_truth(args: argparse.Namespace) -> int:
-    from bench.client import make_client, resolve_model
-    from bench.truth import collect_truth, pearson_table, truth_from_log
-    from bench.workloads import read_jsonl, write_jsonl
+    from bench.loadgen.client import make_client, resolve_model
+    from bench.workload.records import read_jsonl, write_jsonl
+    from bench.workload.truth import collect_truth, pearson_table, truth_from_log
 
     rows = read_jsonl(args.workload)
     if args.from_log:
@@ -113,9 +113,9 @@ def add_load(leaves: Subparsers) -> None:
 def cmd_load(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from bench import load
-    from bench.client import make_client, resolve_model
-    from bench.workloads import read_requests
+    from bench.loadgen import load
+    from bench.loadgen.client import make_client, resolve_model
+    from bench.workload.records import read_requests
 
     workload = read_requests(args.workload)
     n = args.n or len(workload)
@@ -175,7 +175,7 @@ def add_compare(leaves: Subparsers) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from bench.compare import cmd_compare as run
+    from bench.loadgen.compare import cmd_compare as run
 
     return run(args)
 

@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import openai
 
-from bench.serverproc import start_server
+from service.launcher import start_server
 
 
 def _retrains(base_url: str) -> float:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         (t / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
-        subprocess.run([sys.executable, "-m", "service.cli", "predictor", "train", "--from-jsonl",
+        subprocess.run([sys.executable, "-m", "magnus", "predictor", "train", "--from-jsonl",
                         str(t / "train.jsonl"), "--out", str(t / "forest.joblib")], check=True)
         srv = start_server(t / "srv", args.model, policy=args.policy, predictor_model=t / "forest.joblib",
                            predictor_interval_s=args.interval, batch_size=16, max_wait=0.5)

@@ -2,7 +2,7 @@
 rate, one line per policy, one PNG per metric (matplotlib, Agg backend).
 
 Input rows are plain dicts ``{"policy": "vs", "rate": 1.0, "<metric>": value, ...}``, so measured
-runs (``bench.compare``) and simulated ones can share the helper.
+runs (``bench.loadgen.compare``) and simulated ones can share the helper.
 """
 
 from __future__ import annotations

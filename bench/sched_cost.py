@@ -18,20 +18,21 @@ import random
 import time
 from itertools import count
 
+from predictor.types import Prediction
 from scheduler.costmodel import CostModel
 from scheduler.estimator import BatchRecord, BatchTimeEstimator
 from scheduler.factory import make_policy
 from scheduler.policy import Policy
-from scheduler.types import SchedRequest
+from scheduler.request import Request
 
 _ids = count()
 
 
-def make_request(rng: random.Random, now: float) -> SchedRequest:
+def make_request(rng: random.Random, now: float) -> Request:
     prompt = int(math.exp(rng.uniform(math.log(8), math.log(2000))))
     pred = max(1, int(prompt * 0.8 * rng.uniform(0.7, 1.3)))
-    return SchedRequest(id=f"q{next(_ids)}", prompt_tokens=prompt, max_tokens=2048, arrival=now,
-                        predicted_tokens=pred)
+    return Request(id=f"q{next(_ids)}", prompt_tokens=prompt, max_tokens=2048, arrival=now,
+                   prediction=Prediction(pred, pred, "synthetic"))
 
 
 def warm_estimator(rng: random.Random, cost: CostModel, n: int = 500) -> BatchTimeEstimator:

@@ -30,7 +30,7 @@ import httpx
 import openai
 import psutil
 
-from bench.serverproc import start_server
+from service.launcher import start_server
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired engineers watch a slow batch "
          "finish on one small machine in the early morning").split()

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.serverproc import start_server
+from service.launcher import start_server
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import openai
 
-from bench.serverproc import start_server
+from service.launcher import start_server
 
 TOPICS = ["the sea", "a library", "winter", "bread", "trains", "a lighthouse", "bees", "the moon", "rain",
           "chess", "a garden", "mountains", "coffee", "a violin", "snow", "the desert"]

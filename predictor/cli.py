@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--embedder", default="default",
                    help="'default' (bundled all-MiniLM-L6-v2), sentence-transformers/LaBSE, a path or hub id")
     t.add_argument("--device", default="cpu", help="embedder device (default: cpu)")
+    t.add_argument("--served-model", default=None, metavar="NAME",
+                   help="the served model whose lengths the rows hold; recorded in the file so a server "
+                        "serving another model refuses it (default: not recorded)")
     t.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
     t.add_argument("--n-estimators", type=int, default=100)
     t.add_argument("--max-depth", type=int, default=None)
@@ -116,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     embedder = Embedder(args.embedder, device=args.device, threads=args.threads)
     X = _featurize(fit_rows, embedder)
     train = TrainingSet(embedder.name, embedder.dim, X, np.array([r.output_tokens for r in fit_rows]),
-                        [r.app_text for r in fit_rows])
+                        [r.app_text for r in fit_rows], served_model=args.served_model)
     forest = LengthForest.fit(train, params, show_progress=True)
     if hold:
         point, high = _predict_rows(forest, hold, _featurize(hold, embedder), None)

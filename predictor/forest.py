@@ -68,6 +68,7 @@ class ModelMeta:
     metrics: dict[str, float] = field(default_factory=dict)  # oob_* always; others from the caller
     created: float = field(default_factory=time.time)  # unix time
     sklearn_version: str = sklearn.__version__
+    served_model: str | None = None  # the served LLM it learned lengths of (None: not recorded)
 
 
 def _per_tree(model: RandomForestRegressor, X: np.ndarray) -> np.ndarray:
@@ -102,7 +103,8 @@ class LengthForest:
     @classmethod
     def fit(cls, train: TrainingSet, params: ForestParams, show_progress: bool = False,
             metrics: dict[str, float] | None = None) -> LengthForest:
-        """Fit on ``train`` (blocking). Records out-of-bag MAE/RMSE/high-quantile coverage."""
+        """Fit on ``train`` (blocking). Records out-of-bag MAE/RMSE/high-quantile coverage and
+        ``train.served_model``."""
         if len(train) == 0:
             raise ValueError("cannot fit on an empty training set")
         model = RandomForestRegressor(
@@ -125,7 +127,8 @@ class LengthForest:
         all_metrics = _oob_metrics(model, train, params.quantile, params.target)
         all_metrics.update(metrics or {})
         meta = ModelMeta(embedder=train.embedder, dim=train.dim, feature_version=train.feature_version,
-                         train_size=len(train), params=asdict(params), metrics=all_metrics)
+                         train_size=len(train), params=asdict(params), metrics=all_metrics,
+                         served_model=train.served_model)
         return cls(model, meta, train)
 
     def predict(self, X: np.ndarray, quantile: float | None = None) -> tuple[np.ndarray, np.ndarray]:

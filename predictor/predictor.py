@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -15,7 +16,8 @@ import numpy as np
 from predictor.embedder import Embedder
 from predictor.features import FeatureExtractor
 from predictor.forest import ForestParams, LengthForest
-from predictor.trainset import TrainingSet
+from predictor.trainset import ModelMismatchError, TrainingSet
+from predictor.types import PredictInput, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -25,30 +27,12 @@ FALLBACK_SOURCES = frozenset({"app_median", "max_tokens"})
 
 
 @dataclass
-class PredictInput:
-    """One request as the predictor sees it."""
-
-    app_text: str  # instruction / system prompt ("" if none)
-    user_text: str  # user input
-    input_tokens: int  # user input length in the served model's tokens
-    max_tokens: int  # the request's limit (cold-start fallback uses it)
-
-
-@dataclass
-class Prediction:
-    """A predicted generation length."""
-
-    tokens: int  # point estimate G'(p), >= 1, NOT capped (the scheduler caps by max_tokens)
-    high: int  # high quantile (>= tokens)
-    source: str  # "forest" | "app_median" | "max_tokens"
-
-
-@dataclass
 class PredictorConfig:
     """Settings of ``LengthPredictor``; see DESIGN section 2.1 for the continual-learning rule."""
 
     embedder: str = "default"  # "default" (bundled all-MiniLM-L6-v2), a local path or a hub id
     model_path: str | None = None  # forest file to load at start / save to after retraining
+    model_is_explicit: bool = False  # model_path was given by the user (--predictor-model), not the state dir
     train_set_path: str | None = None  # persisted continual-learning training set (.npz)
     n_estimators: int = 100
     max_depth: int | None = None
@@ -64,6 +48,7 @@ class PredictorConfig:
     embed_threads: int | None = None  # torch threads while embedding (None: torch's default)
     n_jobs: int = 1  # forest threads (fit and predict)
     app_cache_size: int = 1024  # LRU entries for application-text embeddings
+    served_model: str | None = None  # the served LLM; learned state for another one is not reused
 
     def __post_init__(self) -> None:
         if self.retrain_interval_s <= 0:
@@ -126,22 +111,34 @@ class LengthPredictor:
     def __init__(self, cfg: PredictorConfig, embedder: Embedder | None = None) -> None:
         """Loads the embedder (or uses the one given), then the model file and training set if
         present. Raises ``ModelMismatchError`` if either was built for another embedder or
-        feature version."""
+        feature version, or if an explicit model file (``cfg.model_is_explicit``) was learned
+        for another served model. With ``cfg.served_model`` set, a state-dir file learned for
+        another (or an unrecorded) served model is skipped with a warning and listed in
+        ``discarded_state``; it stays on disk until the next save overwrites it."""
         self.cfg = cfg
         self.embedder = embedder or Embedder(cfg.embedder, device=cfg.device, cache_size=cfg.app_cache_size,
                                              threads=cfg.embed_threads)
         self._features = FeatureExtractor(self.embedder)
         self._lock = threading.Lock()  # guards the state below; never held while embedding/fitting
         self._retrain_lock = threading.Lock()  # one retrain (or final persist) at a time
+        self.discarded_state: list[str] = []  # files skipped: learned for another served model
         self._forest: LengthForest | None = None
         if cfg.model_path and Path(cfg.model_path).exists():
-            self._forest = LengthForest.load(cfg.model_path, self.embedder.name, self.embedder.dim)
+            forest = LengthForest.load(cfg.model_path, self.embedder.name, self.embedder.dim)
+            if self._served_model_fits("model file", cfg.model_path, forest.meta.served_model,
+                                       explicit=cfg.model_is_explicit):
+                self._forest = forest
+        train: TrainingSet | None = None
         if cfg.train_set_path and Path(cfg.train_set_path).exists():
-            train = TrainingSet.load(cfg.train_set_path, self.embedder.name, self.embedder.dim)
-        elif self._forest is not None and self._forest.train is not None:
+            loaded = TrainingSet.load(cfg.train_set_path, self.embedder.name, self.embedder.dim)
+            if self._served_model_fits("training set", cfg.train_set_path, loaded.served_model):
+                train = loaded
+        if train is None and self._forest is not None and self._forest.train is not None:
             train = self._forest.train  # a CLI-trained model carries its training rows
-        else:
+        if train is None:
             train = TrainingSet(self.embedder.name, self.embedder.dim)
+        if cfg.served_model is not None and train.served_model != cfg.served_model:
+            train = dataclasses.replace(train, served_model=cfg.served_model)  # new rows record it
         self._train = train
         self._pending: list[_Observed] = []
         self._apps: OrderedDict[str, deque[int]] = OrderedDict()
@@ -158,6 +155,31 @@ class LengthPredictor:
         self._last_retrain_s = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _served_model_fits(self, what: str, path: str, recorded: str | None, explicit: bool = False) -> bool:
+        """Whether a file learned for served model ``recorded`` may be used now.
+
+        Without ``cfg.served_model`` every file fits. An explicit model file recording another
+        served model raises ``ModelMismatchError``; one recording none is accepted. Otherwise a
+        file recording another or no served model is skipped (warning, ``discarded_state``)."""
+        served = self.cfg.served_model
+        if served is None or recorded == served:
+            return True
+        if explicit:
+            if recorded is None:
+                log.info("%s %s records no served model; using it for %r", what, path, served)
+                return True
+            raise ModelMismatchError(
+                f"refusing {what} {path}: it was learned for served model {recorded!r}, but the "
+                f"service serves {served!r}. Train one for it (magnus predictor train --served-model "
+                f"{served}) or leave out --predictor-model to learn from scratch."
+            )
+        learned_for = "an unrecorded served model" if recorded is None else repr(recorded)
+        log.warning("ignoring %s %s: it was learned for %s, but the service serves %r; "
+                    "starting fresh (the file is kept until the next save replaces it)",
+                    what, path, learned_for, served)
+        self.discarded_state.append(str(path))
+        return False
 
     # -- prediction -----------------------------------------------------------------------
     def predict(self, items: list[PredictInput]) -> list[Prediction]:

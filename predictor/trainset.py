@@ -38,7 +38,11 @@ def check_compatible(what: str, path: str | os.PathLike[str], embedder: str, dim
 
 @dataclass
 class TrainingSet:
-    """Rows for the regressor. ``apps[i]`` is the application-level text of row ``i``."""
+    """Rows for the regressor. ``apps[i]`` is the application-level text of row ``i``.
+
+    ``served_model`` names the served LLM whose generation lengths the rows hold (None: not
+    recorded, e.g. files written before it was).
+    """
 
     embedder: str
     dim: int
@@ -46,6 +50,7 @@ class TrainingSet:
     y: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     apps: list[str] = field(default_factory=list)
     feature_version: int = FEATURE_VERSION
+    served_model: str | None = None
 
     def __post_init__(self) -> None:
         self.X = np.ascontiguousarray(self.X, dtype=np.float32).reshape(-1, N_FEATURES)
@@ -64,14 +69,14 @@ class TrainingSet:
         """A new training set with the rows appended (the original is left untouched)."""
         return TrainingSet(self.embedder, self.dim, np.vstack([self.X, np.asarray(X, dtype=np.float32)]),
                            np.concatenate([self.y, np.asarray(y, dtype=np.float32)]),
-                           self.apps + list(apps), self.feature_version)
+                           self.apps + list(apps), self.feature_version, self.served_model)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays (no pickled objects) with the metadata as a JSON string."""
         uniq = list(dict.fromkeys(self.apps))
         index = {a: i for i, a in enumerate(uniq)}
         meta = {"format": _FORMAT, "embedder": self.embedder, "dim": self.dim,
-                "feature_version": self.feature_version}
+                "feature_version": self.feature_version, "served_model": self.served_model}
         return {"X": self.X, "y": self.y,
                 "app_idx": np.array([index[a] for a in self.apps], dtype=np.int32),
                 "app_texts": np.array(uniq, dtype=np.str_), "meta": np.array(json.dumps(meta))}
@@ -84,7 +89,7 @@ class TrainingSet:
         app_texts = [str(a) for a in arrs["app_texts"]]
         apps = [app_texts[i] for i in np.asarray(arrs["app_idx"])]
         return cls(meta["embedder"], int(meta["dim"]), arrs["X"], arrs["y"], apps,
-                   int(meta["feature_version"]))
+                   int(meta["feature_version"]), meta.get("served_model"))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write an ``.npz`` file atomically (temporary file, then rename)."""

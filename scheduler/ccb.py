@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from collections import deque
 
+from scheduler.batch import Batch, BatchOutcome
 from scheduler.costmodel import default_memory
 from scheduler.memory import MemoryModel
 from scheduler.policy import Policy
-from scheduler.types import Batch, BatchOutcome, SchedRequest
+from scheduler.request import Request
 
 
 class CCBAdmission:
@@ -33,16 +34,16 @@ class CCBAdmission:
         self.reserved: dict[str, float] = {}  # request id -> bytes
         self.used = 0.0
 
-    def need(self, req: SchedRequest) -> float:
+    def need(self, req: Request) -> float:
         """Bytes reserved for ``req``: its prompt plus its whole generation limit."""
         return (req.prompt_tokens + req.max_tokens) * self.delta
 
-    def can_admit(self, req: SchedRequest) -> bool:
+    def can_admit(self, req: Request) -> bool:
         if self.max_running is not None and len(self.reserved) >= self.max_running:
             return False
         return self.used + self.need(req) <= self.theta
 
-    def admit(self, req: SchedRequest) -> bool:
+    def admit(self, req: Request) -> bool:
         """Reserve memory for ``req`` if it fits; True when admitted."""
         if not self.can_admit(req):
             return False
@@ -51,7 +52,7 @@ class CCBAdmission:
         self.used += b
         return True
 
-    def force(self, req: SchedRequest) -> None:
+    def force(self, req: Request) -> None:
         """Admit regardless of memory (a request too large even for an empty worker runs alone)."""
         b = self.need(req)
         self.reserved[req.id] = b
@@ -75,15 +76,17 @@ class CCBPolicy(Policy):
     """FCFS single-request hand-out with conservative per-worker memory admission."""
 
     name = "ccb"
+    continuous = True
 
-    def __init__(self, memory: MemoryModel | None = None, max_running: int = 256) -> None:
+    def __init__(self, memory: MemoryModel | None = None, max_batch_size: int = 256) -> None:
+        """``max_batch_size``: the most requests running at once on a worker."""
         if memory is None:
             memory = default_memory()
-        if max_running < 1:
-            raise ValueError("max_running must be >= 1")
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
         self.memory = memory
-        self.max_running = max_running
-        self._queue: deque[SchedRequest] = deque()
+        self.max_running = max_batch_size
+        self._queue: deque[Request] = deque()
         self._admission: dict[int, CCBAdmission] = {}
         self._worker_of: dict[str, int] = {}  # running request id -> worker
 
@@ -95,7 +98,7 @@ class CCBPolicy(Policy):
             self._admission[worker] = adm
         return adm
 
-    def on_arrival(self, req: SchedRequest, now: float) -> None:
+    def on_arrival(self, req: Request, now: float) -> None:
         self._queue.append(req)
 
     def next_batch(self, worker: int, now: float) -> Batch | None:
@@ -132,7 +135,7 @@ class CCBPolicy(Policy):
         for r in batch.requests:
             self.release(r.id)
 
-    def on_batch_oom(self, batch: Batch, now: float) -> list[SchedRequest]:
+    def on_batch_oom(self, batch: Batch, now: float) -> list[Request]:
         for r in batch.requests:
             self.release(r.id)
         return super().on_batch_oom(batch, now)

@@ -11,25 +11,32 @@ Retraining (:meth:`retrain`) fits a new model on a snapshot of the training set 
 with one attribute assignment, so the service may run it on a background thread while
 :meth:`estimate` keeps answering from the old model. With ``sync_retrain=True`` (tests, the
 simulator) :meth:`update` retrains inline instead. The estimator never starts threads itself.
+
+Persisted batches are keyed by ``source`` (served model, device, dtype...): a saved file
+recording another source is not loaded at construction (see :class:`BatchTimeEstimator`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.neighbors import KNeighborsRegressor
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from scheduler.batch import BatchOutcome
 from scheduler.costmodel import CostModel
-from scheduler.types import BatchOutcome
 
 Prior = Callable[[int, int, int], float]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,14 @@ class BatchRecord:
 
 
 class BatchTimeEstimator:
-    """Estimates a batch's processing time; learns from finished batches."""
+    """Estimates a batch's processing time; learns from finished batches.
+
+    ``source`` describes what the batches are measured on, e.g. ``{"model": ..., "device": ...,
+    "dtype": ...}``; :meth:`save` records it. At construction an existing ``path`` is loaded
+    only if it records the same source (any file when ``source`` is None); otherwise it is
+    ignored with a warning, ``discarded_state`` is True, and the file stays as it is until the
+    next save overwrites it.
+    """
 
     def __init__(
         self,
@@ -57,6 +71,7 @@ class BatchTimeEstimator:
         err_rel: float = 0.2,
         path: str | os.PathLike[str] | None = None,
         sync_retrain: bool = True,
+        source: dict[str, str] | None = None,
     ) -> None:
         if k < 1 or min_samples < 1 or interval_s < 0 or err_abs_s < 0 or err_rel < 0:
             raise ValueError("invalid estimator parameters")
@@ -68,6 +83,8 @@ class BatchTimeEstimator:
         self.err_rel = err_rel
         self.path = Path(path) if path is not None else None
         self.sync_retrain = sync_retrain
+        self.source = dict(source) if source is not None else None
+        self.discarded_state = False  # the file at ``path`` was learned on another source
         self._X: list[tuple[int, int, int]] = []  # training features (size, L, G)
         self._y: list[float] = []
         self._pending: list[BatchRecord] = []  # finished since the last update
@@ -76,7 +93,16 @@ class BatchTimeEstimator:
         self.version = 0  # bumps on every swap (callers cache estimates per version)
         self.retrain_pending = False  # the training set changed since the last retrain
         if self.path is not None and self.path.exists():
-            self.load(self.path)
+            data = json.loads(self.path.read_text())
+            recorded = data.get("source")
+            if self.source is None or recorded == self.source:
+                self._load_data(data, self.path)
+            else:
+                self.discarded_state = True
+                log.warning("ignoring batch-time estimator state %s: it was learned for %s, but this "
+                            "server runs %s; the estimator starts fresh (the file is kept until the "
+                            "next save replaces it)", self.path,
+                            recorded if recorded is not None else "an unrecorded source", self.source)
 
     # -- answering ---------------------------------------------------------------------------
     @property
@@ -188,22 +214,27 @@ class BatchTimeEstimator:
         target.parent.mkdir(parents=True, exist_ok=True)
         X, y = list(self._X), list(self._y)
         n = min(len(X), len(y))
-        data = {"features": ["size", "max_prompt", "max_gen"], "X": [list(x) for x in X[:n]], "y": y[:n]}
+        data = {"features": ["size", "max_prompt", "max_gen"], "X": [list(x) for x in X[:n]], "y": y[:n],
+                "source": self.source}
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, target)
         return target
 
     def load(self, path: str | os.PathLike[str] | None = None) -> int:
-        """Replace the training set with a saved one and retrain; returns its size."""
-        source = Path(path) if path is not None else self.path
-        if source is None:
+        """Replace the training set with a saved one and retrain; returns its size. Loads
+        whatever source the file records (the source check happens at construction)."""
+        target = Path(path) if path is not None else self.path
+        if target is None:
             raise ValueError("no path given")
-        data = json.loads(Path(source).read_text())
+        return self._load_data(json.loads(target.read_text()), target)
+
+    def _load_data(self, data: dict[str, Any], origin: Path) -> int:
+        """Install the training set parsed from the file ``origin`` and retrain; returns its size."""
         X = [(int(a), int(b), int(c)) for a, b, c in data["X"]]
         y = [float(v) for v in data["y"]]
         if len(X) != len(y):
-            raise ValueError(f"{source}: X and y differ in length")
+            raise ValueError(f"{origin}: X and y differ in length")
         self._X, self._y = X, y
         if not self.retrain(save=False):
             self._model = None

@@ -34,6 +34,14 @@ KNOWN_PARAMS: frozenset[str] = frozenset(
 )
 
 
+def policy_class(name: str) -> type[Policy]:
+    """The policy class registered as ``name`` (case-insensitive)."""
+    key = name.lower()
+    if key not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
+    return POLICIES[key]
+
+
 def make_policy(name: str, *, strict: bool = False, **params: Any) -> Policy:
     """A policy by name: ``vs``, ``vsq``, ``glp``, ``abp``, ``magnus`` or ``ccb``.
 
@@ -44,13 +52,11 @@ def make_policy(name: str, *, strict: bool = False, **params: Any) -> Policy:
     gather companions) are the same knob and each is accepted for the other. ``None`` values mean
     "use the default".
     """
-    key = name.lower()
-    if key not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
+    cls = policy_class(name)
+    key = cls.name
     unknown = set(params) - KNOWN_PARAMS
     if unknown:
         raise TypeError(f"unknown policy parameter(s): {sorted(unknown)}")
-    cls = POLICIES[key]
     accepted = _accepted(cls)
     kwargs = {k: v for k, v in params.items() if v is not None}
     for a, b in (("max_wait", "min_wait"), ("min_wait", "max_wait")):

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from scheduler.types import Batch, BatchOutcome, SchedRequest
+from scheduler.batch import Batch, BatchOutcome
+from scheduler.request import Request
 
 
 class Policy(ABC):
     """A batching/scheduling policy. Pure: time is always passed in, nothing runs on its own.
 
-    The caller's loop is: ``on_arrival`` for each request; whenever a worker is idle,
-    ``next_batch``; when a batch finishes, ``on_batch_done``; when it runs out of memory,
-    ``on_batch_oom`` (the policy decides whether to split and requeue).
+    Its caller is ``scheduler.core.SchedulerCore``: ``on_arrival`` for each request; whenever a
+    worker is idle, ``next_batch``; when a batch finishes, ``on_batch_done``; when it runs out of
+    memory, ``on_batch_oom`` (the policy decides whether to split and requeue).
     ``next_wakeup`` tells the caller when to call ``next_batch`` again even if nothing arrives
     (e.g. a partial batch whose maximum wait expires).
     """
 
     name: str = "base"
-    #: whether the service must fill ``SchedRequest.predicted_tokens`` before ``on_arrival``
+    #: the caller must set ``Request.prediction`` before ``on_arrival``
     needs_prediction: bool = False
+    #: the policy's workers are iteration-level (requests join and leave between decode steps)
+    continuous: bool = False
+    #: the policy serves a model with weights quantized to this many bits (None: as loaded)
+    quantize_bits: int | None = None
+    #: the policy takes a batch-time estimator (``estimator=`` in its constructor)
+    uses_estimator: bool = False
 
     @abstractmethod
-    def on_arrival(self, req: SchedRequest, now: float) -> None:
+    def on_arrival(self, req: Request, now: float) -> None:
         """A request arrived."""
 
     @abstractmethod
@@ -37,7 +44,7 @@ class Policy(ABC):
         """A batch finished; learners may use its true lengths and time."""
         return None
 
-    def on_batch_oom(self, batch: Batch, now: float) -> list[SchedRequest]:
+    def on_batch_oom(self, batch: Batch, now: float) -> list[Request]:
         """A batch ran out of memory. Requeue what can be retried; return the requests that
         must fail (default: split in halves and requeue; a lone request fails)."""
         if batch.size <= 1:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from scheduler.batch import Batch, BatchOutcome
 from scheduler.costmodel import default_memory
 from scheduler.estimator import BatchTimeEstimator
 from scheduler.hrrn import pick_hrrn
 from scheduler.memory import MemoryModel
 from scheduler.policy import Policy
-from scheduler.types import Batch, BatchOutcome, SchedRequest
+from scheduler.request import Request
 from scheduler.wma import DEFAULT_PHI, WaitingBatch, WmaAssembler
 
 #: A sanity cap for the adaptive policies (memory is the real bound).
@@ -59,7 +60,7 @@ class PredictivePolicy(Policy):
     def max_batch_size(self) -> int | None:
         return self.assembler.max_batch_size
 
-    def on_arrival(self, req: SchedRequest, now: float) -> None:
+    def on_arrival(self, req: Request, now: float) -> None:
         self.assembler.place(req, now)
 
     def _full(self, b: WaitingBatch) -> bool:
@@ -164,6 +165,7 @@ class MagnusPolicy(ABPPolicy):
     :class:`BatchTimeEstimator` with the paper-setup cost model as cold-start prior."""
 
     name = "magnus"
+    uses_estimator = True
 
     def __init__(
         self,

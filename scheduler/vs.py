@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections import deque
 
+from scheduler.batch import Batch
 from scheduler.policy import Policy
-from scheduler.types import Batch, SchedRequest
+from scheduler.request import Request
 
 
 class VanillaPolicy(Policy):
@@ -21,10 +22,10 @@ class VanillaPolicy(Policy):
             raise ValueError("max_wait must be >= 0")
         self.batch_size = batch_size
         self.max_wait = max_wait
-        self._queue: deque[SchedRequest] = deque()
+        self._queue: deque[Request] = deque()
         self._requeued: deque[Batch] = deque()  # OOM halves go first, as they are the oldest
 
-    def on_arrival(self, req: SchedRequest, now: float) -> None:
+    def on_arrival(self, req: Request, now: float) -> None:
         self._queue.append(req)
 
     def requeue(self, batch: Batch, now: float) -> None:
@@ -78,7 +79,7 @@ class VSQPolicy(VanillaPolicy):
     weights for ChatGLM-6B) goes to the KV cache, hence the larger default batch size."""
 
     name = "vsq"
-    quantize_bits = 4
+    quantize_bits = 4  # 4-bit on CUDA; the nearest stand-in on CPU is int8 (the service picks)
 
     def __init__(self, batch_size: int = 16, max_wait: float = 0.05) -> None:
         super().__init__(batch_size=batch_size, max_wait=max_wait)

@@ -30,8 +30,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from scheduler.batch import Batch, new_batch_id
 from scheduler.memory import MemoryModel
-from scheduler.types import Batch, SchedRequest, new_batch_id
+from scheduler.request import Request
 
 
 def slot_reads(max_prompt: int, max_gen: int) -> int:
@@ -85,7 +86,7 @@ DEFAULT_PHI = phi_for_tokens(512)
 class WaitingBatch:
     """A batch in the waiting queue with the aggregates the assembler needs."""
 
-    requests: list[SchedRequest]
+    requests: list[Request]
     created: float  # when the batch was opened
     id: int = field(default_factory=new_batch_id)
     retries: int = 0  # OOM splits so far (see Batch.retries)
@@ -126,7 +127,7 @@ class WaitingBatch:
             return slot_reads(prompt, gen) - u
         return slot_reads(max(self.max_prompt, prompt), max(self.max_gen, gen)) - min(self.min_useful, u)
 
-    def add(self, req: SchedRequest) -> None:
+    def add(self, req: Request) -> None:
         gen = req.gen_estimate
         u = useful_reads(req.prompt_tokens, gen)
         if not self.requests:
@@ -139,7 +140,7 @@ class WaitingBatch:
         self.since = min(self.since, req.arrival)
         self.tokens += req.prompt_tokens + req.max_tokens
 
-    def remove(self, request_id: str) -> SchedRequest | None:
+    def remove(self, request_id: str) -> Request | None:
         for i, r in enumerate(self.requests):
             if r.id == request_id:
                 del self.requests[i]
@@ -173,7 +174,7 @@ class WmaAssembler:
         self.n_requests = 0
         self.tokens = 0
 
-    def best(self, req: SchedRequest) -> tuple[float, WaitingBatch | None]:
+    def best(self, req: Request) -> tuple[float, WaitingBatch | None]:
         """``(phi, B*)``: the least WMA over waiting batches with ``req`` added (inf, None if none)."""
         prompt, gen = req.prompt_tokens, req.gen_estimate
         u = useful_reads(prompt, gen)
@@ -189,7 +190,7 @@ class WmaAssembler:
                 best_phi, best_batch = phi, b
         return best_phi, best_batch
 
-    def place(self, req: SchedRequest, now: float) -> WaitingBatch:
+    def place(self, req: Request, now: float) -> WaitingBatch:
         """Add an arrival; returns the batch it joined or opened."""
         phi, batch = self.best(req)
         if batch is None or not phi < self.phi:
@@ -218,7 +219,7 @@ class WmaAssembler:
         self.tokens -= batch.tokens
         return batch
 
-    def cancel(self, request_id: str) -> SchedRequest | None:
+    def cancel(self, request_id: str) -> Request | None:
         """Remove a waiting request; fixes its batch's aggregates, drops the batch if now empty."""
         batch_id = self._where.pop(request_id, None)
         if batch_id is None:

@@ -1,17 +1,16 @@
-"""The `magnus` command: serve, predictor, bench, simulate."""
+"""``magnus serve``: the server's command (the top-level ``magnus`` CLI mounts it)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import sys
 from functools import partial
 
 from service.settings import add_arguments, from_args
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace) -> int:
+    """Run the OpenAI-compatible server until SIGTERM/SIGINT (then drain and exit)."""
     import uvicorn
 
     from service.app import create_app
@@ -26,23 +25,9 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="magnus", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible server",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(serve)
-    serve.set_defaults(func=_serve)
-    # tool packages register their own subcommands
-    for mod, fn in (("predictor.cli", "register"), ("bench.cli", "register"), ("bench.simulate", "register_simulate")):
-        getattr(importlib.import_module(mod), fn)(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve`` to the ``magnus`` subcommands."""
+    p = sub.add_parser("serve", help="run the OpenAI-compatible server",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=serve)

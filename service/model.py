@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from scheduler.factory import policy_class
 from service.settings import Settings
 from worker.loader import load_tokenizer, materialize, pick_device, pick_dtype, resolve
 from worker.process import WorkerConfig
@@ -22,8 +22,6 @@ class ModelInfo:
     device: str
     dtype_bytes: int
     created: int = field(default_factory=lambda: int(time.time()))
-    #: optional length predictor hook: Submission -> (tokens, high, source); set by the policy builder
-    predict: Callable[[Any], tuple[int, int, str]] | None = None
 
     def encode_chat(self, messages: list[dict[str, str]], user_text: str) -> tuple[list[int], int]:
         """Prompt ids of a chat (the tokenizer's chat template) and the user text's token count."""
@@ -64,12 +62,14 @@ def worker_configs(settings: Settings, info: ModelInfo) -> list[WorkerConfig]:
         devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(n)] if info.device == "cuda" else [info.device] * n
     else:
         devices = ["cpu"] * (settings.num_workers or 1)
+    policy = policy_class(settings.policy)
     quant = settings.quantize
-    if settings.policy == "vsq" and quant == "none":
-        quant = "4bit" if info.device.startswith("cuda") else "int8"
+    if policy.quantize_bits and quant == "none":
+        quant = "4bit" if info.device.startswith("cuda") else "int8"  # bitsandbytes 4-bit needs CUDA
     return [
         WorkerConfig(model_dir=info.local_dir, device=d, dtype=settings.dtype, quantize=quant,
                      threads=settings.worker_threads, mem_cap_bytes=settings.mem_cap_bytes,
-                     oom_every=settings.oom_every, step_delay_s=settings.step_delay_s, mode="continuous" if settings.policy == "ccb" else "static")
+                     oom_every=settings.oom_every, step_delay_s=settings.step_delay_s,
+                     mode="continuous" if policy.continuous else "static")
         for d in devices
     ]

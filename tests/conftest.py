@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.serverproc import CACHE, Server, start_server, wait_healthy
+from service.launcher import CACHE, Server, start_server, wait_healthy
 
 __all__ = ["Server", "start_server", "wait_healthy"]
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import corrupt, sources
-from bench.builder import MAX_TOKENS_CAP, BuildConfig, Workload, build_workload, max_tokens_for
 from bench.cli import register
-from bench.corpus import Corpus
-from bench.load import RequestRecord, arrival_times, batch_tokens, summarize, summary_stats
-from bench.tokens import count_tokens
-from bench.truth import pearson_by_app
-from bench.workloads import APPS, read_requests, write_jsonl
+from bench.loadgen.load import RequestRecord, arrival_times, batch_tokens, summarize, summary_stats
+from bench.workload import corrupt, sources
+from bench.workload.builder import MAX_TOKENS_CAP, BuildConfig, Workload, build_workload, max_tokens_for
+from bench.workload.corpus import Corpus
+from bench.workload.records import APPS, read_requests, write_jsonl
+from bench.workload.tokens import count_tokens
+from bench.workload.truth import pearson_by_app
 
 SMALL = {"english_man_pages": 12, "translated_man_pages": 6, "stdlib_files": 25, "catalogs": 12}
 
@@ -194,7 +194,7 @@ def test_cli_registers_bench_leaves() -> None:
 
 
 def test_truth_from_request_log(tmp_path) -> None:
-    from bench.truth import truth_from_log
+    from bench.workload.truth import truth_from_log
     from service.requestlog import RequestLog, RequestRecord
 
     log = RequestLog(tmp_path / "log.db")

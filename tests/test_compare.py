@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 from bench import cli
-from bench.client import make_client
-from bench.compare import parse_settings
-from bench.load import run_load
+from bench.loadgen.client import make_client
+from bench.loadgen.compare import parse_settings
+from bench.loadgen.load import run_load
 from bench.plots import plot_metrics
-from bench.simulate import main as simulate
-from bench.workloads import Request, read_jsonl
+from bench.sim.cli import main as simulate
+from bench.workload.records import Request, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("request_throughput", "mean_response_time", "p95_response_time", "valid_token_throughput",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
-from bench.serverproc import Server, start_server
+from service.launcher import Server, start_server
 
 schemathesis = pytest.importorskip("schemathesis", reason="pip install schemathesis")
 

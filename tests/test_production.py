@@ -28,10 +28,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.serverproc import ROOT, Server, free_port, start_server
 from scheduler.factory import make_policy
-from scheduler.types import SchedRequest
+from scheduler.request import Request
 from service.errors import APIError
+from service.launcher import ROOT, Server, free_port, start_server
 from service.limits import admit
 from service.metrics import Metrics
 from service.settings import Settings
@@ -200,7 +200,7 @@ def test_compose_config_is_valid() -> None:
 
 # ---- settings and auth in-process (no model: the app's routes answer before loading ends) ----------
 def test_api_key_settings_from_env_and_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.cli import build_parser
+    from magnus.cli import build_parser
     from service.settings import from_args
 
     monkeypatch.setenv("MAGNUS_API_KEYS", "a, b")
@@ -241,7 +241,7 @@ def test_waiting_tokens_limit_uses_the_policy() -> None:
     policy = make_policy("vs", batch_size=8, max_wait=10.0)
     settings = Settings(max_waiting_tokens=100, max_waiting_requests=2, retry_after_s=1.5)
     admit(policy, settings, Metrics(), 1, 100)
-    policy.on_arrival(SchedRequest(id="a", prompt_tokens=30, max_tokens=50, arrival=0.0), 0.0)
+    policy.on_arrival(Request(id="a", prompt_tokens=30, max_tokens=50, arrival=0.0), 0.0)
     with pytest.raises(APIError) as e:
         admit(policy, settings, Metrics(), 1, 30)  # 80 waiting + 30 > 100
     assert e.value.status == 429 and e.value.headers == {"Retry-After": "2", "retry-after-ms": "1500"}

@@ -9,18 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.load import RequestRecord, result_json, summarize
-from bench.replay import Overheads, fit_overheads, read_records, replay_workload
-from bench.sim_workload import Row, Workload
-from bench.simulate import (
-    PolicyParams,
-    cost_setup,
-    load_model_profile,
-    main,
-    make_trace,
-    simulate_policy,
-    to_record,
-)
+from bench.loadgen.load import RequestRecord, result_json, summarize
+from bench.sim.cli import main
+from bench.sim.replay import Overheads, fit_overheads, read_records, replay_workload
+from bench.sim.setup import PolicyParams, cost_setup, load_model_profile
+from bench.sim.trace import make_trace, simulate_policy, to_record
+from bench.sim.workload import Row, Workload
 from service.requestlog import connect
 
 SETUP = cost_setup("V100-32GB", load_model_profile("ChatGLM-6B"))
@@ -125,5 +119,5 @@ def test_overheads_are_charged() -> None:
     burst = make_trace(Workload(rows(5), [0.0] * 5, "truth", "file"), None, rate=None)
     base, reqs0 = simulate_policy("vs", burst, SETUP, params, workers=1)
     turned, reqs1 = simulate_policy("vs", burst, SETUP, params, workers=1, overheads=Overheads(turnaround_s=0.1))
-    assert max(r.end for r in reqs1) == pytest.approx(max(r.end for r in reqs0) + 4 * 0.1)
+    assert max(t.request.finished_at for t in reqs1) == pytest.approx(max(t.request.finished_at for t in reqs0) + 4 * 0.1)
     assert asdict(turned.sim)["batches"] == 5

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from bench.sim.engine import Simulation
+from predictor.types import Prediction
+from scheduler.batch import Batch, BatchOutcome
 from scheduler.ccb import CCBAdmission, CCBPolicy
 from scheduler.costmodel import (
     CHATGLM_6B,
@@ -25,7 +28,7 @@ from scheduler.hrrn import pick_hrrn, response_ratio
 from scheduler.memory import MemoryModel, delta_from_config, kv_bytes_per_token
 from scheduler.policy import Policy
 from scheduler.predictive import ABPPolicy, GLPPolicy, MagnusPolicy, PredictivePolicy
-from scheduler.types import Batch, BatchOutcome, SchedRequest
+from scheduler.request import Request
 from scheduler.vs import VanillaPolicy, VSQPolicy
 from scheduler.wma import DEFAULT_PHI, WaitingBatch, WmaAssembler, phi_for_tokens, wma, wma_gen, wma_wait
 
@@ -42,16 +45,16 @@ def create_requests(
     max_tokens: int = 4096,
     predict: bool = True,
     prefix: str = "r",
-) -> list[SchedRequest]:
+) -> list[Request]:
     """Requests with ``(prompt, true generation)`` shapes, arriving ``gap`` apart; the prediction is
     the true length when ``predict``."""
     return [
-        SchedRequest(
+        Request(
             id=f"{prefix}{i}",
             prompt_tokens=p,
             max_tokens=max_tokens,
             arrival=start + i * gap,
-            predicted_tokens=g if predict else None,
+            prediction=Prediction(g, g, "oracle") if predict else None,
             true_tokens=g,
         )
         for i, (p, g) in enumerate(shapes)
@@ -70,49 +73,17 @@ class SimResult:
     batches: list[Batch]
 
 
-def simulate(policy: Policy, reqs: list[SchedRequest], cost: CostModel = COST, workers: int = 1) -> SimResult:
-    """A minimal discrete-event loop: static batches, run time from the cost model on the TRUE
-    lengths (a static batch decodes until its longest request ends)."""
-    arrivals = sorted(reqs, key=lambda r: r.arrival)
-    free_at = [0.0] * workers
-    running: list[tuple[float, int, Batch, float]] = []  # (end, worker, batch, start)
-    done: dict[str, float] = {}
-    batches: list[Batch] = []
-    now, i = 0.0, 0
-    while True:
-        while i < len(arrivals) and arrivals[i].arrival <= now:
-            policy.on_arrival(arrivals[i], now)
-            i += 1
-        for end, w, b, start in [x for x in running if x[0] <= now]:
-            running.remove((end, w, b, start))
-            true_gen = {r.id: r.true_tokens or 0 for r in b.requests}
-            policy.on_batch_done(BatchOutcome(batch=b, true_gen=true_gen, duration=end - start), now)
-            for r in b.requests:
-                done[r.id] = end
-        for w in range(workers):
-            if free_at[w] <= now:
-                b = policy.next_batch(w, now)
-                if b is not None:
-                    dur = cost(b.size, b.max_prompt, max(r.true_tokens or 1 for r in b.requests))
-                    free_at[w] = now + dur
-                    running.append((now + dur, w, b, now))
-                    batches.append(b)
-        candidates = [x[0] for x in running]
-        if i < len(arrivals):
-            candidates.append(arrivals[i].arrival)
-        if any(f <= now for f in free_at):
-            wake = policy.next_wakeup(now)
-            if wake is not None and wake > now:
-                candidates.append(wake)
-        if not candidates:
-            break
-        now = min(candidates)
-    assert len(done) == len(reqs), "simulation stalled"
-    resp = [done[r.id] - r.arrival for r in reqs]
-    return SimResult(max(done.values()), sum(resp) / len(resp), batches)
+def simulate(policy: Policy, reqs: list[Request], cost: CostModel = COST, workers: int = 1) -> SimResult:
+    """The requests through the real core on the simulator's cost-model workers (static batches
+    run until their longest TRUE generation)."""
+    sim = Simulation(policy, cost, workers)
+    stats = sim.run(reqs)
+    assert all(r.status.finished for r in reqs)
+    resp = [r.finished_at - r.arrival for r in reqs]
+    return SimResult(stats.makespan, sum(resp) / len(resp), sim.batches)
 
 
-def pilot_requests(seed: int = 0) -> list[SchedRequest]:
+def pilot_requests(seed: int = 0) -> list[Request]:
     """The paper's pilot: 3 large (~1000-token prompt and generation) and 18 small (~10) requests,
     interleaved so that every FCFS batch of 7 holds one large request."""
     rng = random.Random(seed)

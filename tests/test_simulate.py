@@ -14,25 +14,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.sim_engine import OOM_STATUS, SimRequest, Simulation
-from bench.sim_workload import Row, Workload, load_workload, predictions
-from bench.simulate import (
-    POLICY_ORDER,
+from bench.sim.cli import POLICY_ORDER, main, register_simulate
+from bench.sim.engine import Simulation
+from bench.sim.setup import (
     CostSetup,
     PolicyParams,
     build_policy,
     cost_setup,
     load_model_profile,
-    main,
-    make_trace,
     read_batch_log,
-    register_simulate,
-    simulate_policy,
 )
+from bench.sim.trace import make_trace, simulate_policy, trace_requests
+from bench.sim.workload import Row, Workload, load_workload, predictions
+from predictor.types import Prediction
 from scheduler.costmodel import CHATGLM_6B, HARDWARE, CostModel, GiB
 from scheduler.memory import MemoryModel
 from scheduler.predictive import ABPPolicy, MagnusPolicy
-from scheduler.types import SchedRequest
+from scheduler.request import FailureCode, Request, RequestStatus
 from scheduler.vs import VanillaPolicy
 
 V100 = HARDWARE["V100-32GB"]
@@ -68,12 +66,15 @@ def make_workload(rows: list[Row]) -> Workload:
     return Workload(rows, None, "truth", "file")
 
 
-def sim_requests(shapes: list[tuple[int, int, int, float, int | None]]) -> list[SimRequest]:
+def sim_requests(shapes: list[tuple[int, int, int, float, int | None]]) -> list[Request]:
     """``(prompt, true, max_tokens, arrival, predicted)`` -> simulated requests."""
     return [
-        SimRequest(SchedRequest(f"q{i}", p, m, t, predicted_tokens=pred, true_tokens=g), "app", g)
+        Request(f"q{i}", p, m, t, prediction=None if pred is None else Prediction(pred, pred, "test"), true_tokens=g)
         for i, (p, g, m, t, pred) in enumerate(shapes)
     ]
+
+
+OK = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
 
 
 # -- workload side ----------------------------------------------------------------------------------
@@ -107,12 +108,12 @@ def test_every_request_finishes_or_fails_exactly_once(name: str) -> None:
     wl = make_workload(load_rows(synthetic_rows(120, seed=3)))
     trace = make_trace(wl, 400, rate=30.0, seed=5, prediction="noisy")
     run, reqs = simulate_policy(name, trace, SETUP, PolicyParams(), workers=3)
-    assert all(r.status in ("ok", OOM_STATUS) for r in reqs)  # a second finish would have raised
+    assert all(t.request.status.finished for t in reqs)  # a second finish would have raised
     s = run.summary
     assert s.sent == 400 and s.completed + sum(s.errors.values()) == 400
     assert s.completed == 400  # everything fits a V100 alone
-    assert all(r.end is not None and r.end >= r.sched.arrival for r in reqs)
-    assert s.valid_tokens == sum(r.true_tokens for r in reqs)
+    assert all(t.request.finished_at >= t.request.arrival for t in reqs)
+    assert s.valid_tokens == sum(t.request.true_tokens for t in reqs)
     assert run.sim.total_tokens >= s.valid_tokens
     if name == "ccb":
         assert run.sim.total_tokens == s.valid_tokens  # no padding in continuous batching
@@ -132,11 +133,11 @@ def test_static_batch_time_equals_cost_model() -> None:
     expected = cost.batch_time(3, 300, 200)  # L(B) = 300, true G(B) = 200
     assert stats.batches == 1 and stats.total_tokens == 3 * 200
     for r in reqs:  # static batch: everyone ends (and, by default, gets its first token) at the end
-        assert r.end == pytest.approx(expected) and r.first_token == pytest.approx(expected)
+        assert r.finished_at == pytest.approx(expected) and r.first_token_at == pytest.approx(expected)
     streaming = Simulation(VanillaPolicy(batch_size=3, max_wait=0.0), cost, 1, ttft="first-token")
     reqs = sim_requests(shapes)
     streaming.run(reqs)
-    assert reqs[0].first_token == pytest.approx(cost.prefill_time(3, 300) + cost.hw.batch_overhead_s)
+    assert reqs[0].first_token_at == pytest.approx(cost.prefill_time(3, 300) + cost.hw.batch_overhead_s)
 
 
 def test_ccb_lone_request_costs_prefill_plus_decode() -> None:
@@ -144,8 +145,8 @@ def test_ccb_lone_request_costs_prefill_plus_decode() -> None:
     policy = build_policy("ccb", SETUP, PolicyParams())
     reqs = sim_requests([(120, 80, 200, 0.0, None)])
     Simulation(policy, cost, 1).run(reqs)
-    assert reqs[0].end == pytest.approx(cost.prefill_time(1, 120) + cost.decode_time(1, 120, 80))
-    assert reqs[0].first_token == pytest.approx(cost.prefill_time(1, 120))
+    assert reqs[0].finished_at == pytest.approx(cost.prefill_time(1, 120) + cost.decode_time(1, 120, 80))
+    assert reqs[0].first_token_at == pytest.approx(cost.prefill_time(1, 120))
 
 
 def test_ccb_joiner_waits_for_the_next_iteration_boundary() -> None:
@@ -157,7 +158,7 @@ def test_ccb_joiner_waits_for_the_next_iteration_boundary() -> None:
     stats = Simulation(policy, cost, 1).run(reqs)
     boundary = first_step_end + cost.step_time(1, 101)
     joined = boundary + cost.prefill_time(1, 60) + cost.step_time(1, 102)
-    assert reqs[1].first_token == pytest.approx(joined)
+    assert reqs[1].first_token_at == pytest.approx(joined)
     assert stats.total_tokens == 55
 
 
@@ -174,10 +175,10 @@ def test_oom_splits_and_finishes_everything() -> None:
     sim = Simulation(ABPPolicy(memory=memory), cost, n_workers=2)
     stats = sim.run(reqs)
     assert stats.oom_batches >= 2 and stats.batch_requests > len(reqs)  # a batch ran again after its split
-    failed = [r for r in reqs if r.status == OOM_STATUS]
-    assert [r.sched.id for r in failed] == ["q40"] and "insufficient_memory" in (failed[0].error or "")
-    ok = [r for r in reqs if r.status == "ok"]
-    assert len(ok) == 40 and all(r.end is not None for r in ok)
+    failed = [r for r in reqs if r.status == RequestStatus.FINISHED_ERROR]
+    assert [r.id for r in failed] == ["q40"] and failed[0].failure.code is FailureCode.INSUFFICIENT_MEMORY
+    ok = [r for r in reqs if r.status in OK]
+    assert len(ok) == 40 and all(r.finished_at is not None for r in ok)
     assert stats.peak_kv_frac <= 1.0  # every batch that ran to the end fitted
 
 
@@ -214,9 +215,7 @@ def test_magnus_estimator_learns_during_the_run() -> None:
     trace = make_trace(wl, 800, rate=20.0, seed=4)
     policy = build_policy("magnus", SETUP, PolicyParams(estimator_interval_s=30.0))
     assert isinstance(policy, MagnusPolicy)
-    from bench.simulate import trace_requests
-
-    Simulation(policy, SETUP.cost("magnus"), 4).run(trace_requests(trace, True))
+    Simulation(policy, SETUP.cost("magnus"), 4).run([t.request for t in trace_requests(trace, True)])
     assert policy.estimator.using_knn and policy.estimator.n_train >= policy.estimator.min_samples
 
 
@@ -266,7 +265,7 @@ def test_cli_sweep_writes_json_markdown_and_plots(tmp_path: Path, capsys: pytest
     assert [(r["policy"], r["rate"]) for r in doc["runs"]] == [("vs", 5.0), ("magnus", 5.0), ("vs", 20.0), ("magnus", 20.0)]
     assert all(r["summary"]["completed"] == 150 for r in doc["runs"])
     assert "| magnus | 20 |" in capsys.readouterr().out
-    assert "bench.simulate" in md.read_text() and "| vs | 5 |" in md.read_text()
+    assert "bench.sim.cli" in md.read_text() and "| vs | 5 |" in md.read_text()
     assert (tmp_path / "t_mean_response_time.png").stat().st_size > 1000
 
 
@@ -287,7 +286,7 @@ def test_file_arrivals_and_file_predictions(tmp_path: Path) -> None:
     assert trace.arrivals.tolist() == [0.5 * i for i in range(40)]
     assert trace.predicted == [r["output_tokens"] + 3 for r in rows]
     run, reqs = simulate_policy("abp", trace, SETUP, PolicyParams(), workers=2)
-    assert run.summary.completed == 40 and reqs[5].sched.predicted_tokens == rows[5]["output_tokens"] + 3
+    assert run.summary.completed == 40 and reqs[5].request.predicted_tokens == rows[5]["output_tokens"] + 3
     with pytest.raises(ValueError):
         make_trace(wl, 41, rate=None)
     assert main([str(tmp_path / "trace.jsonl"), "--policies", "vs", "--no-progress"]) == 0

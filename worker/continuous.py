@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from scheduler.contract import BatchOutput, BatchStats, Outcome, WorkBatch
 from worker.text import RequestText, eos_ids_of
-from worker.types import BatchDone, BatchStats, GenBatch
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,13 @@ class ContinuousRunner:
         self._thread = threading.Thread(target=self._pump, name="magnus-ccb", daemon=True)
         self._thread.start()
 
-    def submit(self, batch: GenBatch) -> None:
-        for r in batch.requests:
-            if r.temperature > 0:
-                log.debug("CCB decodes greedily; temperature %.2f of %s not applied", r.temperature, r.id)
+    def submit(self, batch: WorkBatch) -> None:
+        for r in batch.items:
+            if r.sampling.temperature > 0:
+                log.debug("CCB decodes greedily; temperature %.2f of %s not applied", r.sampling.temperature, r.request_id)
             with self._lock:
-                self._rows[r.id] = (batch.batch_id, RequestText(r, self.tok, self.eos_ids), time.time())
-            self.mgr.add_request(r.prompt_ids, request_id=r.id, max_new_tokens=r.max_tokens, streaming=True)
+                self._rows[r.request_id] = (batch.batch_id, RequestText(r, self.tok, self.eos_ids), time.time())
+            self.mgr.add_request(r.prompt_ids, request_id=r.request_id, max_new_tokens=r.max_tokens, streaming=True)
 
     def _pump(self) -> None:
         while not self._stop.is_set():
@@ -71,13 +71,15 @@ class ContinuousRunner:
 
     def _finish(self, batch_id: int, row: RequestText, start: float, error: str | None) -> None:
         with self._lock:
-            self._rows.pop(row.req.id, None)
+            self._rows.pop(row.req.request_id, None)
         end = time.time()
         res = row.result()
         n = len(row.ids)
         stats = BatchStats(batch_id=batch_id, size=1, max_prompt=len(row.req.prompt_ids), max_gen=n, prefill_s=0.0,
                            decode_s=end - start, valid_tokens=n, total_tokens=n, start_time=start, end_time=end)
-        self.send("done", BatchDone(batch_id=batch_id, results=[] if error else [res], stats=stats, error=error))
+        outcome = Outcome.ERROR if error else Outcome.OK
+        self.send("done", BatchOutput(batch_id=batch_id, outcome=outcome, rows=[] if error else [res], stats=stats,
+                                       error=error))
 
     def stop(self) -> None:
         self._stop.set()

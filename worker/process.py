@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.types import BatchDone, GenBatch
+from scheduler.contract import BatchOutput, Outcome, WorkBatch
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def _main(conn, cfg: WorkerConfig) -> None:
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        from scheduler.memory import delta_from_config
         from worker.loader import load_model, load_tokenizer, pick_dtype
         from worker.runner import BatchRunner
 
@@ -52,12 +53,7 @@ def _main(conn, cfg: WorkerConfig) -> None:
             torch.cuda.set_device(torch.device(cfg.device))
         model = load_model(cfg.model_dir, cfg.device, dtype, cfg.quantize)
         tok = load_tokenizer(cfg.model_dir)
-        c = model.config
-        heads = c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        kv_heads = getattr(c, "num_key_value_heads", None) or heads
-        elem = torch.finfo(dtype).bits // 8
-        delta = 2 * c.num_hidden_layers * kv_heads * head_dim * elem
+        delta = int(delta_from_config(model.config, dtype.itemsize))
         send_lock = threading.Lock()
 
         def send(kind: str, payload: Any) -> None:
@@ -87,14 +83,15 @@ def _main(conn, cfg: WorkerConfig) -> None:
             if cfg.mode == "continuous":
                 runner.stop()
             return
-        batch: GenBatch = msg
+        batch: WorkBatch = msg
         if cfg.mode == "continuous":
             runner.submit(batch)
             continue
         try:
             done = runner.run(batch, lambda evs: send("tokens", evs))
         except Exception:  # noqa: BLE001 - a failing batch must not kill the worker
-            done = BatchDone(batch_id=batch.batch_id, results=[], stats=None, error=traceback.format_exc())
+            done = BatchOutput(batch_id=batch.batch_id, outcome=Outcome.ERROR, rows=[], stats=None,
+                               error=traceback.format_exc())
         send("done", done)
 
 
@@ -129,7 +126,7 @@ class WorkerHandle:
                 return
             self._on_message(self.index, kind, payload)
 
-    def submit(self, batch: GenBatch) -> None:
+    def submit(self, batch: WorkBatch) -> None:
         """Send a batch; the worker must be idle."""
         with self._send_lock:
             assert self._conn is not None

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from scheduler.contract import BatchOutput, BatchStats, Outcome, RowOutput, TokenEvent, WorkBatch
 from worker.text import RequestText, eos_ids_of
-from worker.types import BatchDone, BatchStats, GenBatch, GenResult, TokenEvent
 
 
 class InjectedOOM(MemoryError):
@@ -61,11 +61,11 @@ class BatchRunner:
                 f"KV cache of {size} x {length} tokens needs {need} bytes > cap {self.mem_cap}"
             )
 
-    def run(self, batch: GenBatch, emit: Callable[[list[TokenEvent]], None] | None = None) -> BatchDone:
+    def run(self, batch: WorkBatch, emit: Callable[[list[TokenEvent]], None] | None = None) -> BatchOutput:
         """Run one batch to the end. Out-of-memory is caught and reported as ``error='oom'``."""
         start = time.time()
-        size = len(batch.requests)
-        max_prompt = max(len(r.prompt_ids) for r in batch.requests)
+        size = len(batch.items)
+        max_prompt = max(len(r.prompt_ids) for r in batch.items)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._batches += 1
@@ -84,7 +84,7 @@ class BatchRunner:
                 decode_s=0.0, valid_tokens=0, total_tokens=0, peak_mem_bytes=self._peak(), oom=True,
                 start_time=start, end_time=time.time(),
             )
-            return BatchDone(batch_id=batch.batch_id, results=[], stats=stats, error=f"oom: {exc}")
+            return BatchOutput(batch_id=batch.batch_id, outcome=Outcome.OOM, rows=[], stats=stats, error=f"oom: {exc}")
 
     def _peak(self) -> int | None:
         if self.device.type == "cuda":
@@ -92,8 +92,8 @@ class BatchRunner:
         return None
 
     @torch.inference_mode()
-    def _run(self, batch: GenBatch, emit, start: float) -> BatchDone:
-        reqs = batch.requests
+    def _run(self, batch: WorkBatch, emit, start: float) -> BatchOutput:
+        reqs = batch.items
         size = len(reqs)
         max_prompt = max(len(r.prompt_ids) for r in reqs)
         steps_allowed = max(r.max_tokens for r in reqs)
@@ -110,9 +110,9 @@ class BatchRunner:
         generators: list[torch.Generator | None] = []
         for r in reqs:
             g = None
-            if r.temperature > 0:
+            if r.sampling.temperature > 0:
                 g = torch.Generator(device="cpu")
-                g.manual_seed(r.seed if r.seed is not None else torch.seed())
+                g.manual_seed(r.sampling.seed if r.sampling.seed is not None else torch.seed())
             generators.append(g)
 
         t0 = time.perf_counter()
@@ -158,14 +158,14 @@ class BatchRunner:
         decode_s = time.perf_counter() - t1
         del cache
 
-        results: list[GenResult] = [row.result() for row in rows]
+        results: list[RowOutput] = [row.result() for row in rows]
         stats = BatchStats(
             batch_id=batch.batch_id, size=size, max_prompt=max_prompt,
             max_gen=max(len(r.ids) for r in rows), prefill_s=prefill_s, decode_s=decode_s,
             valid_tokens=sum(len(r.ids) for r in rows), total_tokens=size * steps,
             peak_mem_bytes=self._peak(), start_time=start, end_time=time.time(),
         )
-        return BatchDone(batch_id=batch.batch_id, results=results, stats=stats)
+        return BatchOutput(batch_id=batch.batch_id, outcome=Outcome.OK, rows=results, stats=stats)
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: list[RequestText], generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -175,11 +175,11 @@ class BatchRunner:
             g = generators[i]
             if row.done or g is None:
                 continue
-            probs = torch.softmax(logits[i].float() / row.req.temperature, dim=-1).cpu()
-            if row.req.top_p < 1.0:
+            probs = torch.softmax(logits[i].float() / row.req.sampling.temperature, dim=-1).cpu()
+            if row.req.sampling.top_p < 1.0:
                 sorted_p, idx = probs.sort(descending=True)
                 cum = sorted_p.cumsum(0)
-                keep = cum - sorted_p < row.req.top_p
+                keep = cum - sorted_p < row.req.sampling.top_p
                 keep[0] = True  # the top token always (a top_p below float32's range would keep none)
                 sorted_p = sorted_p * keep
                 probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)

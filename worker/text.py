@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from worker.types import GenRequest, GenResult, TokenEvent
+from scheduler.contract import RowOutput, TokenEvent, WorkItem
 
 
 def eos_ids_of(model, tokenizer) -> set[int]:
@@ -19,7 +19,7 @@ def eos_ids_of(model, tokenizer) -> set[int]:
 class RequestText:
     """Tracks one request's generated tokens and text while it decodes."""
 
-    def __init__(self, req: GenRequest, tokenizer, eos_ids: set[int]) -> None:
+    def __init__(self, req: WorkItem, tokenizer, eos_ids: set[int]) -> None:
         self.req = req
         self.tok = tokenizer
         self.eos_ids = eos_ids
@@ -29,7 +29,8 @@ class RequestText:
         self.done = False
         self.finish_reason = "length"
         self.first_token_time: float | None = None
-        self.max_stop = max((len(s) for s in req.stop), default=0)
+        self.stop = req.sampling.stop
+        self.max_stop = max((len(s) for s in self.stop), default=0)
 
     def append(self, token: int, now: float) -> None:
         """Add one generated token; sets ``done`` on EOS, a stop string or max_tokens."""
@@ -43,9 +44,9 @@ class RequestText:
             return
         new_text = self.tok.decode([t for t in self.ids if t not in self.eos_ids], skip_special_tokens=True)
         if not new_text.endswith("\ufffd"):  # else an incomplete multi-byte character: wait for more
-            if self.req.stop:
+            if self.stop:
                 search_from = max(0, len(self.text) - self.max_stop)
-                hits = [i for s in self.req.stop if (i := new_text.find(s, search_from)) >= 0]
+                hits = [i for s in self.stop if (i := new_text.find(s, search_from)) >= 0]
                 if hits:
                     self.text = new_text[: min(hits)]
                     self.done, self.finish_reason = True, "stop"
@@ -57,16 +58,16 @@ class RequestText:
     def flush(self) -> TokenEvent | None:
         """New text that can be streamed (a possible stop-string prefix is held back)."""
         limit = len(self.text)
-        if self.req.stop and not self.done:
+        if self.stop and not self.done:
             limit = max(self.sent, len(self.text) - self.max_stop + 1)
         if limit <= self.sent:
             return None
-        ev = TokenEvent(request_id=self.req.id, text=self.text[self.sent : limit], time=time.time())
+        ev = TokenEvent(request_id=self.req.request_id, text=self.text[self.sent : limit], time=time.time())
         self.sent = limit
         return ev
 
-    def result(self) -> GenResult:
+    def result(self) -> RowOutput:
         if not self.done:
             self.done, self.finish_reason = True, "length"
-        return GenResult(id=self.req.id, text=self.text, completion_tokens=len(self.ids),
+        return RowOutput(request_id=self.req.request_id, text=self.text, output_tokens=len(self.ids),
                          finish_reason=self.finish_reason, first_token_time=self.first_token_time)

@@ -1,5 +1,5 @@
-"""Build the configured scheduling policy and its learners (length predictor, batch-time
-estimator) for the served model, and run the learners' background retraining."""
+"""The server's scheduler and learners: the shared builder (``scheduler.builder``) given this
+machine's device memory, plus the length predictor and the background retraining threads."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler.costmodel import CostModel, ModelProfile, get_hardware
-from scheduler.estimator import BatchTimeEstimator
-from scheduler.factory import make_policy
+from predictor.types import PredictInput, Prediction
+from scheduler.builder import PolicySettings, Scheduler, build_scheduler, served_profile
+from scheduler.costmodel import ModelProfile, get_hardware
+from scheduler.factory import policy_class
 from scheduler.memory import MemoryModel
-from scheduler.policy import Policy
+from scheduler.request import Request
 from service.model import ModelInfo
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+CPU_KV_BUDGET = 2 * 1024**3  # Theta on CPU unless --kv-budget-bytes says otherwise
 
 
 def hardware_for(device: str) -> str:
@@ -36,22 +39,35 @@ def memory_model(settings: Settings, info: ModelInfo, profile: ModelProfile) -> 
     """Delta from the model config; Theta from free CUDA memory less the weights and a margin,
     or the configured budget on CPU (or when ``kv_budget_bytes`` is set)."""
     if settings.kv_budget_bytes is not None or not info.device.startswith("cuda"):
-        theta = float(settings.kv_budget_bytes or 2 * 1024**3)
-        return MemoryModel(delta=profile.delta, theta=theta)
+        return MemoryModel(delta=profile.delta, theta=float(settings.kv_budget_bytes or CPU_KV_BUDGET))
     import torch
 
     free, _ = torch.cuda.mem_get_info(torch.device(info.device if ":" in info.device else "cuda:0"))
     return MemoryModel.for_device(profile.delta, free, profile.weight_bytes, reserve_frac=settings.mem_reserve_frac)
 
 
+def policy_settings(settings: Settings) -> PolicySettings:
+    return PolicySettings(
+        name=settings.policy, batch_size=settings.batch_size, max_wait=settings.max_wait, phi=settings.phi,
+        max_batch_size=settings.max_batch_size, estimator_interval_s=settings.estimator_interval_s,
+    )
+
+
 @dataclass
 class Learners:
-    """The policy plus whatever learns in the background for it."""
+    """The built scheduler plus whatever learns in the background for it."""
 
-    policy: Policy
+    scheduler: Scheduler
     predictor: Any = None  # predictor.LengthPredictor when the policy predicts lengths
-    estimator: BatchTimeEstimator | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def policy(self):
+        return self.scheduler.policy
+
+    @property
+    def estimator(self):
+        return self.scheduler.estimator
 
     def start(self, interval_s: float) -> None:
         if self.predictor is not None:
@@ -75,65 +91,49 @@ class Learners:
         if self.estimator is not None:
             self.estimator.save()
 
+    def predict(self, req: Request) -> Prediction:
+        """Blocking (run it in a thread): the request's predicted generation length."""
+        return self.predictor.predict([_item(req)])[0]
+
+    def observe(self, req: Request) -> None:
+        """Blocking (run it in a thread): a completed request teaches the predictor."""
+        self.predictor.observe(_item(req), req.output_tokens, req.prediction)
+
 
 def build(settings: Settings, info: ModelInfo) -> Learners:
     """The policy named by ``settings.policy`` with its learners wired to ``info``."""
-    profile = ModelProfile.from_config(info.config, dtype_bytes=info.dtype_bytes, name=info.name)
-    cost = CostModel(profile, get_hardware(hardware_for(info.device)))
-    memory = memory_model(settings, info, profile)
+    model = ModelProfile.from_config(info.config, dtype_bytes=info.dtype_bytes, name=info.name)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    estimator = None
-    if settings.policy == "magnus":
-        estimator = BatchTimeEstimator(
-            cost, interval_s=settings.estimator_interval_s, path=settings.state_dir / "estimator.json",
-            sync_retrain=False,
-        )
-    params: dict[str, Any] = {
-        "batch_size": settings.batch_size, "max_wait": settings.max_wait, "phi": settings.phi,
-        "memory": memory, "max_batch_size": settings.max_batch_size, "estimator": estimator,
-    }
-    if settings.policy == "ccb":
-        params["max_running"] = settings.max_batch_size
-    policy = make_policy(settings.policy, **params)
-    learners = Learners(policy=policy, estimator=estimator)
-    if policy.needs_prediction:
-        learners.predictor = _predictor(settings)
-    log.info("policy %s: Delta=%.0f B/token, Theta=%.2f GiB", policy.name, memory.delta, memory.theta / 1024**3)
+    sched = build_scheduler(
+        policy_settings(settings), model, get_hardware(hardware_for(info.device)),
+        memory=memory_model(settings, info, served_profile(settings.policy, model)),
+        estimator_path=settings.state_dir / "estimator.json",
+        estimator_source={"model": info.name, "device": info.device, "dtype": f"{info.dtype_bytes * 8}-bit"},
+        sync_retrain=False,
+    )
+    learners = Learners(sched)
+    if policy_class(settings.policy).needs_prediction:
+        learners.predictor = _predictor(settings, info.name)
+    mem = sched.memory
+    log.info("policy %s: Delta=%.0f B/token, Theta=%.2f GiB", sched.policy.name, mem.delta, mem.theta / 1024**3)
     return learners
 
 
-def _predictor(settings: Settings):
+def _predictor(settings: Settings, served_model: str):
     from predictor.predictor import LengthPredictor, PredictorConfig
 
     cfg = PredictorConfig(
         embedder=settings.embedder,
         model_path=str(settings.predictor_model or settings.state_dir / "predictor.joblib"),
+        model_is_explicit=settings.predictor_model is not None,
         train_set_path=str(settings.state_dir / "predictor_trainset.npz"),
         retrain_interval_s=settings.predictor_interval_s,
+        served_model=served_model,
         embed_threads=1,  # the embedder shares the CPU with the workers; one thread is faster there
     )
     return LengthPredictor(cfg)
 
 
-def _item(sub: Any):
-    from predictor.predictor import PredictInput
-
-    return PredictInput(app_text=sub.app_text, user_text=sub.user_text, input_tokens=sub.input_tokens,
-                        max_tokens=sub.max_tokens)
-
-
-def predict(learners: Learners, sub: Any) -> tuple[int, int, str]:
-    """Blocking (run it in a thread): (G'(p), high quantile, source) for a submission."""
-    p = learners.predictor.predict([_item(sub)])[0]
-    return p.tokens, p.high, p.source
-
-
-def observe(learners: Learners, sub: Any, true_tokens: int) -> None:
-    """Blocking (run it in a thread): a finished request teaches the predictor."""
-    from predictor.predictor import Prediction
-
-    pred = None
-    if sub.predicted_tokens is not None:
-        pred = Prediction(tokens=sub.predicted_tokens, high=sub.predicted_high or sub.predicted_tokens,
-                          source=sub.predicted_source or "forest")
-    learners.predictor.observe(_item(sub), true_tokens, pred)
+def _item(req: Request) -> PredictInput:
+    return PredictInput(app_text=req.app_text, user_text=req.user_text, input_tokens=req.input_tokens,
+                        max_tokens=req.max_tokens)

@@ -63,7 +63,7 @@ def start_server(workdir: Path, model: str, wait: bool = True, timeout: float = 
     env.update({f"MAGNUS_{k.upper()}": str(v) for k, v in settings.items()})
     log_path = workdir / f"server-{port}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=env,
+        [sys.executable, "-m", "magnus", "serve"], cwd=ROOT, env=env,
         stdout=log_path.open("w"), stderr=subprocess.STDOUT,
     )
     srv = Server(f"http://127.0.0.1:{port}", proc, workdir / "log.db", log_path, model)

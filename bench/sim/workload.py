@@ -1,6 +1,6 @@
 """Workload side of the simulator: rows with token counts, true and predicted lengths, arrivals.
 
-A row is a workload JSONL line (``bench.workloads``) plus, from a truth file (``bench.truth``),
+A row is a workload JSONL line (``bench.workload.records``) plus, from a truth file (``bench.workload.truth``),
 ``output_tokens``, ``prompt_tokens`` and ``input_tokens``; optionally ``predicted_tokens`` (from
 the real predictor) and ``arrival``.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench.workloads import read_jsonl
+from bench.workload.records import read_jsonl
 
 CHARS_PER_TOKEN = 4
 #: Chat-template tokens around instruction and input (SmolLM2's template; measured on a truth
@@ -33,7 +33,7 @@ CHARS_PER_TOKEN = 4
 TEMPLATE_TOKENS = 11
 DEFAULT_NOISE_SIGMA = 0.35
 
-#: bench.builder sets ``max_tokens = min(512, ceil(1.3 * expected) + 16)``; the synthetic model
+#: bench.workload.builder sets ``max_tokens = min(512, ceil(1.3 * expected) + 16)``; the synthetic model
 #: inverts it to recover the expected output length (``a * input`` for the row's task direction).
 BUILDER_MARGIN, BUILDER_SLACK = 1.3, 16
 
@@ -125,7 +125,7 @@ def load_workload(path: str, lengths: str = "auto", seed: int = 0) -> Workload:
     notes = []
     if not use_truth:
         notes.append(
-            "SYNTHETIC output lengths: expected length inverted from max_tokens (bench.builder), "
+            "SYNTHETIC output lengths: expected length inverted from max_tokens (bench.workload.builder), "
             "x LogNormal(0, sigma_app), plus a per-app share running to max_tokens "
             "(bench/sim_workload.py SYNTHETIC_APPS); not measured on a model"
         )

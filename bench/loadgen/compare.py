@@ -35,12 +35,12 @@ import numpy as np
 import openai
 from tqdm import tqdm
 
-from bench import load
-from bench.client import make_client, resolve_model
-from bench.load import RequestRecord, Summary
-from bench.serverproc import ROOT, Server, start_server
-from bench.workloads import Request, read_requests
+from bench.loadgen import load
+from bench.loadgen.client import make_client, resolve_model
+from bench.loadgen.load import RequestRecord, Summary
+from bench.workload.records import Request, read_requests
 from scheduler.factory import POLICIES
+from service.launcher import ROOT, Server, start_server
 
 POLICY_ORDER = ("vs", "vsq", "ccb", "glp", "abp", "magnus")
 #: Policies whose server predicts generation lengths (GLP, ABP, Magnus).
@@ -191,7 +191,7 @@ def _batch_tokens(db: Path, records: Sequence[RequestRecord]) -> int | None:
 def train_predictor(truth: Path, out: Path) -> Path:
     """Train a length predictor with ``magnus predictor train --from-jsonl`` (a subprocess)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "service.cli", "predictor", "train", "--from-jsonl", str(truth), "--out", str(out)]
+    cmd = [sys.executable, "-m", "magnus", "predictor", "train", "--from-jsonl", str(truth), "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     return out

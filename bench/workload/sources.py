@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.corpus import Document
+from bench.workload.corpus import Document
 
 MAN_ROOT = Path("/usr/share/man")
 LOCALE_ROOT = Path("/usr/share/locale")

@@ -1,4 +1,4 @@
-"""Tables, JSON and plots of simulator runs (metrics are ``bench.load.Summary``, as measured runs)."""
+"""Tables, JSON and plots of simulator runs (metrics are ``bench.loadgen.load.Summary``, as measured runs)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.load import Summary
+from bench.loadgen.load import Summary
 from bench.plots import plot_metrics
-from bench.sim_engine import SimStats
+from bench.sim.engine import SimStats
 
 
 @dataclass

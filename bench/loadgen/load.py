@@ -19,7 +19,7 @@ import numpy as np
 import openai
 from tqdm import tqdm
 
-from bench.workloads import Request, chat_messages
+from bench.workload.records import Request, chat_messages
 
 
 def arrival_times(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.load import RequestRecord, Summary
-from bench.sim_workload import Row, Workload
+from bench.loadgen.load import RequestRecord, Summary
+from bench.sim.workload import Row, Workload
 
 
 @dataclass(frozen=True)

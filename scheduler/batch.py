@@ -1,9 +1,11 @@
-"""Records the scheduling core works on: pure data, no clocks, no threads."""
+"""Batches: what a policy groups requests into, and what a finished one reports to the learners."""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+
+from scheduler.request import Request
 
 _batch_ids = itertools.count(1)
 
@@ -14,34 +16,10 @@ def new_batch_id() -> int:
 
 
 @dataclass
-class SchedRequest:
-    """One request as the scheduler sees it.
-
-    Times are seconds on whatever clock the caller passes in (server: monotonic; simulator: virtual).
-    """
-
-    id: str
-    prompt_tokens: int  # L(p): prompt length in tokens of the served model
-    max_tokens: int  # the request's own generation limit
-    arrival: float  # when it arrived (the waiting time counts from here)
-    predicted_tokens: int | None = None  # G'(p) from the length predictor, None when no prediction
-    predicted_high: int | None = None  # a high quantile of G'(p), when the predictor gives one
-    app: str = ""  # application-level text (instruction / system prompt); informational
-    true_tokens: int | None = None  # the true generation length; only the simulator knows it up front
-
-    @property
-    def gen_estimate(self) -> int:
-        """G(p) used for assembling: the prediction capped by max_tokens, else max_tokens."""
-        if self.predicted_tokens is None:
-            return self.max_tokens
-        return max(1, min(self.predicted_tokens, self.max_tokens))
-
-
-@dataclass
 class Batch:
     """A waiting or running static batch."""
 
-    requests: list[SchedRequest]
+    requests: list[Request]
     created: float  # when the batch was opened
     id: int = field(default_factory=new_batch_id)
     retries: int = 0  # how many times this batch (or its parent) was split after an OOM

@@ -7,7 +7,7 @@ One JSON object per line::
 
 with an optional ``"arrival"`` (seconds from the start of a trace). The instruction is the
 application-level text (sent as the system message), the input the user-level text (the user
-message). ``bench.builder`` makes these files from text and code shipped on the machine.
+message). ``bench.workload.builder`` makes these files from text and code shipped on the machine.
 """
 
 from __future__ import annotations

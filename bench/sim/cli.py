@@ -2,13 +2,13 @@
 
 The SAME scheduling code as the server (every policy via ``make_policy``, the WMA assembler, the
 KNN batch-time estimator with its continual learning, HRRN, OOM splitting) runs on a virtual
-clock against N simulated workers (``bench.sim_engine``) whose batch times come from a cost
+clock against N simulated workers (``bench.sim.engine``) whose batch times come from a cost
 model: the analytical one (``--hardware`` x ``--model-profile``, a name or a HF config.json) or
 one fitted to a server's batch log (``--fit-log DB``). VSQ runs the model quantized to 4 bits.
 Theta for the policies is ``CostModel.memory_model()``; Magnus's estimator starts from the
 analytical model as its prior, as in the server.
 
-Metrics are the load generator's (``bench.load.summarize``), so simulated and measured runs
+Metrics are the load generator's (``bench.loadgen.load.summarize``), so simulated and measured runs
 compare one to one::
 
     magnus simulate bench/workloads/all.jsonl --n 20000 --rates 10,20,40 --plot-dir bench/results
@@ -18,239 +18,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sqlite3
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
-from bench.load import RequestRecord, arrival_times, summarize, summary_table
-from bench.replay import NO_OVERHEADS, Overheads, compare_table, fit_overheads, read_records, replay_workload
-from bench.sim_engine import SimRequest, Simulation
-from bench.sim_report import PolicyRun, comparison_table, plot_sweep
-from bench.sim_workload import (
-    DEFAULT_NOISE_SIGMA,
-    Row,
-    Workload,
-    load_workload,
-    pearson_by_app,
-    predictions,
-    sample_indices,
-)
-from scheduler.costmodel import HARDWARE, MODELS, CostModel, HardwareProfile, ModelProfile, get_hardware
-from scheduler.estimator import BatchTimeEstimator
-from scheduler.factory import POLICIES, make_policy
-from scheduler.policy import Policy
-from scheduler.types import SchedRequest
-from scheduler.vs import VSQPolicy
+from bench.loadgen.load import summarize, summary_table
+from bench.sim.replay import NO_OVERHEADS, compare_table, fit_overheads, read_records, replay_workload
+from bench.sim.report import PolicyRun, comparison_table, plot_sweep
+from bench.sim.setup import DTYPES, PolicyParams, cost_setup, load_model_profile
+from bench.sim.trace import make_trace, simulate_policy
+from bench.sim.workload import DEFAULT_NOISE_SIGMA, load_workload, pearson_by_app
+from scheduler.costmodel import HARDWARE, MODELS
+from scheduler.factory import POLICIES
 
 POLICY_ORDER = ("vs", "vsq", "ccb", "glp", "abp", "magnus")
-DTYPES = {"float16": 2.0, "bfloat16": 2.0, "float32": 4.0}
-
-
-# -- cost models -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CostSetup:
-    """What the simulated workers cost and what Magnus's estimator starts from."""
-
-    model: ModelProfile
-    hw: HardwareProfile  # the workers' ground truth: fitted to a batch log, or the analytical profile
-    prior_hw: HardwareProfile  # the analytical profile (the server's cold-start prior)
-    source: str
-
-    def _model(self, policy: str) -> ModelProfile:
-        return self.model.quantized(VSQPolicy.quantize_bits) if policy == "vsq" else self.model
-
-    def cost(self, policy: str) -> CostModel:
-        return CostModel(self._model(policy), self.hw)
-
-    def prior(self, policy: str) -> CostModel:
-        return CostModel(self._model(policy), self.prior_hw)
-
-
-def load_model_profile(name_or_path: str, dtype: str = "float16") -> ModelProfile:
-    """A built-in profile (``ChatGLM-6B``) or one from a HF ``config.json``, at ``dtype``."""
-    nbytes = DTYPES[dtype]
-    if name_or_path in MODELS:
-        base = MODELS[name_or_path]
-    else:
-        path = Path(name_or_path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.exists():
-            raise ValueError(f"unknown model profile {name_or_path!r}: not one of {sorted(MODELS)} nor a config.json")
-        base = ModelProfile.from_config(json.loads(path.read_text()), name=path.parent.name or path.stem)
-    return replace(base, dtype_bytes=nbytes, weight_bits=8 * nbytes)
-
-
-def read_batch_log(
-    db: str | Path, window: tuple[float, float] | None = None
-) -> list[tuple[int, int, int, float]]:
-    """``(size, L(B), true G(B), seconds)`` of the finished (not OOM) batches in a server log;
-    with ``window`` (wall-clock seconds), only the batches that started within it."""
-    lo, hi = window if window is not None else (-math.inf, math.inf)
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        rows = conn.execute(
-            "SELECT size, max_prompt, max_gen, prefill_s, decode_s, start, end FROM batches "
-            "WHERE COALESCE(oom, 0) = 0 AND size > 0 AND max_gen > 0 AND start >= ? AND start <= ?", (lo, hi)
-        ).fetchall()
-    out = []
-    for size, L, G, pre, dec, start, end in rows:
-        secs = end - start if start is not None and end is not None and end > start else (pre or 0) + (dec or 0)
-        if secs > 0:
-            out.append((int(size), int(L), int(G), float(secs)))
-    return out
-
-
-def cost_setup(
-    hardware: str, model: ModelProfile, fit_log: str | Path | None = None,
-    window: tuple[float, float] | None = None,
-) -> CostSetup:
-    """The analytical model, or (with ``fit_log``) the hardware figures fitted to that log's
-    batches (those that started within ``window``, when given)."""
-    prior = get_hardware(hardware)
-    if fit_log is None:
-        return CostSetup(model, prior, prior, f"analytical: {model.name} on {prior.name}")
-    samples = read_batch_log(fit_log, window)
-    if len(samples) < 2:
-        raise ValueError(f"{fit_log}: need at least two finished batches to fit, found {len(samples)}"
-                         + (" in the replayed run's time window" if window else ""))
-    fitted = CostModel(model, prior).fitted(samples).hw
-    scope = " started during the replayed run" if window else ""
-    return CostSetup(model, fitted, prior, (
-        f"fitted to {len(samples)} batches{scope} of {fit_log} ({model.name} on {prior.name}: mfu {fitted.mfu:.3g}, "
-        f"mbu {fitted.mbu:.3g}, step overhead {fitted.step_overhead_s:.3g} s, batch overhead "
-        f"{fitted.batch_overhead_s:.3g} s)"
-    ))
-
-
-# -- policies --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PolicyParams:
-    """Policy knobs; None keeps each policy's own default (as ``make_policy``)."""
-
-    batch_size: int | None = None
-    max_wait: float | None = None
-    min_wait: float | None = None
-    phi: float | None = None
-    max_batch_size: int | None = None
-    reserve_frac: float = 0.1  # Theta = device memory x (1 - reserve) - weights
-    estimator_interval_s: float = 120.0
-
-
-def build_policy(name: str, setup: CostSetup, params: PolicyParams) -> Policy:
-    """The policy as the server builds it, with Theta from the cost model of its workers."""
-    memory = setup.cost(name).memory_model(reserve_frac=params.reserve_frac)
-    kwargs = {
-        "batch_size": params.batch_size, "max_wait": params.max_wait, "min_wait": params.min_wait,
-        "phi": params.phi, "max_batch_size": params.max_batch_size, "memory": memory,
-    }
-    if name == "magnus":
-        kwargs["estimator"] = BatchTimeEstimator(
-            setup.prior(name), interval_s=params.estimator_interval_s, sync_retrain=True
-        )
-    if name == "ccb":
-        kwargs["max_running"] = params.max_batch_size
-    return make_policy(name, **kwargs)
-
-
-# -- traces ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Trace:
-    """The simulated requests, shared by every policy of a run: which row, when, what prediction."""
-
-    rows: list[Row]
-    index: np.ndarray  # row of each request
-    arrivals: np.ndarray  # seconds
-    predicted: list[int]  # per row
-
-
-def make_trace(
-    workload: Workload,
-    n: int | None,
-    rate: float | None,
-    burstiness: float = 1.0,
-    seed: int = 0,
-    prediction: str = "noisy",
-    sigma: float = DEFAULT_NOISE_SIGMA,
-) -> Trace:
-    """``n`` requests (every row once when None, else sampled with replacement) arriving at
-    ``rate`` (gamma inter-arrivals, ``bench.load.arrival_times``) or at the file's times."""
-    rows = workload.rows
-    pred = predictions(rows, prediction, sigma, seed + 1)
-    if rate is None:
-        if workload.arrivals is None:
-            raise ValueError("give --rate (or --rates): the workload has no 'arrival' field")
-        count = len(rows) if n is None else n
-        if count > len(rows):
-            raise ValueError("--n exceeds the file's rows; file arrival times cannot be resampled")
-        index = np.arange(count)
-        arrivals = np.asarray(workload.arrivals[:count], dtype=float)
-        arrivals = arrivals - arrivals.min()
-    else:
-        index = sample_indices(len(rows), n, seed)
-        arrivals = arrival_times(len(index), rate, burstiness, np.random.default_rng(seed + 2))
-    return Trace(rows, index, arrivals, pred)
-
-
-def trace_requests(trace: Trace, with_prediction: bool, ingress_s: float = 0.0) -> list[SimRequest]:
-    """Fresh request objects for one policy run (predictions only for predictive policies); the
-    scheduler sees each ``ingress_s`` after its client sent it."""
-    out = []
-    for k, (i, t) in enumerate(zip(trace.index.tolist(), trace.arrivals.tolist(), strict=True)):
-        row = trace.rows[i]
-        sched = SchedRequest(
-            id=f"{row.id}#{k}", prompt_tokens=row.prompt_tokens, max_tokens=row.max_tokens, arrival=t + ingress_s,
-            predicted_tokens=trace.predicted[i] if with_prediction else None, app=row.app,
-            true_tokens=row.output_tokens,
-        )
-        out.append(SimRequest(sched, row.app, row.output_tokens, send=t))
-    return out
-
-
-def to_record(r: SimRequest, egress_s: float = 0.0) -> RequestRecord:
-    """The load generator's record of a simulated request (the client gets its tokens
-    ``egress_s`` after the engine)."""
-    s = r.sched
-    ok = r.status == "ok"
-
-    def client(t: float | None) -> float | None:
-        return None if t is None else t + egress_s
-
-    return RequestRecord(
-        id=s.id, app=r.app, max_tokens=s.max_tokens, send=s.arrival if r.send is None else r.send,
-        first_token=client(r.first_token) if ok else None,
-        end=client(r.end), completion_tokens=r.true_tokens if ok else None, prompt_tokens=s.prompt_tokens,
-        finish_reason=("length" if r.true_tokens >= s.max_tokens else "stop") if ok else None,
-        status=r.status or "unfinished", error=r.error,
-    )
-
-
-def simulate_policy(
-    name: str,
-    trace: Trace,
-    setup: CostSetup,
-    params: PolicyParams = PolicyParams(),
-    workers: int = 8,
-    ttft: str = "batch-end",
-    progress: bool = False,
-    rate: float | None = None,
-    overheads: Overheads = NO_OVERHEADS,
-) -> tuple[PolicyRun, list[SimRequest]]:
-    """Run one policy on a trace; returns its metrics and the simulated requests."""
-    start = time.perf_counter()
-    policy = build_policy(name, setup, params)
-    reqs = trace_requests(trace, policy.needs_prediction, overheads.ingress_s)
-    sim = Simulation(policy, setup.cost(name), workers, ttft=ttft, progress=progress,
-                     turnaround_s=overheads.turnaround_s)
-    stats = sim.run(reqs)
-    summary = summarize([to_record(r, overheads.egress_s) for r in reqs], stats.total_tokens)
-    return PolicyRun(name, rate, summary, stats, time.perf_counter() - start), reqs
 
 
 # -- CLI -------------------------------------------------------------------------------------------
@@ -303,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _command_line() -> str:
     prog = Path(sys.argv[0]).name
-    head = ["magnus"] if prog == "magnus" else [".venv/bin/python", "-m", "bench.simulate"]
+    head = ["magnus"] if prog == "magnus" else [".venv/bin/python", "-m", "bench.sim.cli"]
     return shlex.join(head + sys.argv[1:])
 
 
@@ -418,8 +202,8 @@ def register_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.simulate ...``: the command without the ``magnus`` entry point."""
-    parser = argparse.ArgumentParser(prog="python -m bench.simulate", description=__doc__.splitlines()[0])
+    """``python -m bench.sim.cli ...``: the command without the ``magnus`` entry point."""
+    parser = argparse.ArgumentParser(prog="python -m bench.sim.cli", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return int(cmd_simulate(parser.parse_args(argv)))
 

@@ -7,7 +7,7 @@ line plus:
 - ``output_tokens``: ``usage.completion_tokens``, the generation length;
 - ``prompt_tokens``: ``usage.prompt_tokens``, the whole templated prompt;
 - ``input_tokens``: tokens of the user input alone in the default model's tokenizer
-  (``bench.tokens``: SmolLM2's, from its GGUF file), no special tokens;
+  (``bench.workload.tokens``: SmolLM2's, from its GGUF file), no special tokens;
 - ``finish_reason``; and ``error`` instead of the four above when the request failed.
 
 ``pearson_table`` then gives, per application, Pearson's r between input and output length
@@ -26,8 +26,8 @@ import openai
 from scipy import stats
 from tqdm import tqdm
 
-from bench.tokens import count_tokens
-from bench.workloads import APPS, chat_messages
+from bench.workload.records import APPS, chat_messages
+from bench.workload.tokens import count_tokens
 
 
 async def _complete(client: openai.AsyncOpenAI, model: str, row: dict) -> dict:

@@ -1,11 +1,11 @@
-"""Discrete-event core of ``magnus simulate``: a policy from ``scheduler`` driven on a virtual
-clock against N simulated workers (the loop mirrors ``service.engine.Engine``).
+"""Discrete-event simulator of ``magnus simulate``: the scheduling core (``scheduler.core``, the
+same code the server runs) driven on a virtual clock; only the workers are simulated, by a cost model.
 
 * Static workers (VS, VSQ, GLP, ABP, Magnus): a batch of ``b`` requests runs
   ``cost.batch_time(b, L(B), G_true(B))`` with ``G_true(B)`` the longest TRUE generation; every
   request ends at the batch end. If the true peak ``b (L + G_true) Delta + weights`` exceeds the
   device memory, the batch runs out of memory while producing token ``g0``, the first whose
-  cache crosses the limit: ``batch_time(b, L, g0)`` is charged, then ``policy.on_batch_oom``.
+  cache crosses the limit: ``batch_time(b, L, g0)`` is charged, then an OOM output goes to the core.
   The worker takes its next batch ``turnaround_s`` after a batch ends (the engine's round trip).
 * Continuous workers (CCB): iteration-level. Requests the policy admits join at the worker's
   next iteration boundary; that iteration costs ``prefill_time`` of the joiners plus
@@ -13,7 +13,7 @@ clock against N simulated workers (the loop mirrors ``service.engine.Engine``).
   and is reported as a batch of one. Iterations in which nothing joins or leaves are summed in
   one event (a "segment"); an admission mid-segment cuts it at the next boundary.
 
-Events at the same time are all handled before the policy is asked for work, as in the engine.
+Events at the same time are all handled before the core is asked for work, as in the engine.
 """
 
 from __future__ import annotations
@@ -24,27 +24,14 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from scheduler.ccb import CCBPolicy
+from scheduler.batch import Batch
+from scheduler.contract import BatchOutput, BatchStats, Outcome, RowOutput
+from scheduler.core import Dispatch, SchedulerCore, Update
 from scheduler.costmodel import CostModel
 from scheduler.policy import Policy
-from scheduler.types import Batch, BatchOutcome, SchedRequest
+from scheduler.request import Request, RequestStatus
 
-OOM_STATUS = "http_400"  # what the load generator records for the server's insufficient_memory error
 _WAKE_GUARD_S = 1e-3  # as the engine: re-ask 1 ms later when the policy says "now" but gives nothing
-
-
-@dataclass
-class SimRequest:
-    """One simulated request and what happened to it."""
-
-    sched: SchedRequest
-    app: str
-    true_tokens: int
-    first_token: float | None = None
-    end: float | None = None
-    status: str | None = None  # None while in flight, then "ok" or OOM_STATUS
-    error: str | None = None
-    send: float | None = None  # when the client sent it, if earlier than ``sched.arrival`` (ingress)
 
 
 @dataclass
@@ -70,10 +57,10 @@ class SimStats:
 class _Running:
     """A request on a continuous worker."""
 
-    req: SimRequest
+    req: Request
+    batch_id: int  # the core's batch (of one) it was dispatched in
     start_it: int  # iteration whose end gives its first token
     end_it: int  # iteration whose end gives its last token (or where it runs out of memory)
-    admitted: float
     oom: bool = False
 
 
@@ -82,7 +69,7 @@ class _Continuous:
     """State of a continuous (CCB) worker. ``it``/``kv``/``t`` are at the scheduled boundary."""
 
     heap: list[tuple[int, int, _Running]] = field(default_factory=list)  # by end_it
-    pending: list[SimRequest] = field(default_factory=list)  # admitted, join at the next boundary
+    pending: list[Dispatch] = field(default_factory=list)  # admitted, join at the next boundary
     n: int = 0  # running requests
     kv: float = 0.0  # KV tokens cached over the running requests (prompt + generated)
     it: int = 0  # iterations done (at the scheduled boundary)
@@ -90,6 +77,10 @@ class _Continuous:
     version: int = 0  # bumps when a scheduled event is replaced
     seg: tuple[float, int, float] | None = None  # decode segment start (t, it, kv), None for a prefill step
     t: float = 0.0  # time of the scheduled boundary
+
+
+def _row(req: Request, tokens: int) -> RowOutput:
+    return RowOutput(req.id, "", tokens, "length" if tokens >= req.max_tokens else "stop", None)
 
 
 class Simulation:
@@ -122,30 +113,32 @@ class Simulation:
         self.ttft = ttft
         self.progress = progress
         self.turnaround_s = turnaround_s
-        self.continuous = isinstance(policy, CCBPolicy)
+        self.continuous = policy.continuous
+        self.core = SchedulerCore(policy, [self.continuous] * n_workers)
         self.stats = SimStats()
+        self.batches: list[Batch] = []  # every dispatched batch, in dispatch order
         self._heap: list[tuple[float, int, int, str, object]] = []
         self._seq = 0
-        self._busy = [False] * n_workers  # static workers
         self._ccb = [_Continuous() for _ in range(n_workers)] if self.continuous else []
-        self._reqs: dict[str, SimRequest] = {}
         self._done = 0
         self._wake_at = -math.inf
         self._bar: tqdm | None = None
 
     # -- the loop ------------------------------------------------------------------------------
-    def run(self, requests: list[SimRequest]) -> SimStats:
-        """Simulate until every request has finished or failed; each does so exactly once."""
-        reqs = sorted(requests, key=lambda r: r.sched.arrival)
-        self._reqs = {r.sched.id: r for r in reqs}
-        if len(self._reqs) != len(reqs):
+    def run(self, requests: list[Request]) -> SimStats:
+        """Simulate until every request has finished or failed; each does so exactly once. Each
+        request needs its ``true_tokens``; its outcome is left on it (status, times, failure)."""
+        reqs = sorted(requests, key=lambda r: r.arrival)
+        if len({r.id for r in reqs}) != len(reqs):
             raise ValueError("request ids must be unique")
+        if any(r.true_tokens is None for r in reqs):
+            raise ValueError("every simulated request needs its true_tokens")
         n, i, heap, now = len(reqs), 0, self._heap, 0.0
         idle_wakes = 0
         self._bar = tqdm(total=n, unit="req", disable=not self.progress, mininterval=0.5, leave=False)
         try:
             while self._done < n:
-                t_arr = reqs[i].sched.arrival if i < n else math.inf
+                t_arr = reqs[i].arrival if i < n else math.inf
                 if heap and heap[0][0] <= t_arr:
                     now, _, _, kind, payload = heapq.heappop(heap)
                     before = self._done
@@ -155,7 +148,7 @@ class Simulation:
                         raise RuntimeError(f"policy {self.policy.name} keeps asking for wake-ups without progress")
                 elif i < n:
                     now = t_arr
-                    self.policy.on_arrival(reqs[i].sched, now)
+                    self.core.add(reqs[i], now)
                     i += 1
                 else:
                     raise RuntimeError(
@@ -163,7 +156,7 @@ class Simulation:
                         f"{self.policy.waiting()} waiting in policy {self.policy.name}"
                     )
                 self.stats.events += 1
-                t_next = min(heap[0][0] if heap else math.inf, reqs[i].sched.arrival if i < n else math.inf)
+                t_next = min(heap[0][0] if heap else math.inf, reqs[i].arrival if i < n else math.inf)
                 if t_next > now:
                     self._dispatch(now)
         finally:
@@ -179,111 +172,89 @@ class Simulation:
         if kind == "batch":
             self._batch_end(payload, now)  # type: ignore[arg-type]
         elif kind == "free":
-            self._busy[payload] = False  # type: ignore[index]
+            self.core.set_ready(payload, True)  # type: ignore[arg-type]
         elif kind == "iter":
             w, version = payload  # type: ignore[misc]
             if self._ccb[w].version == version:
                 self._iteration_end(w, now)
-        # "wake": nothing to do; the dispatch that follows asks the policy again
+        # "wake": nothing to do; the dispatch that follows asks the core again
 
     def _dispatch(self, now: float) -> None:
-        """Hand work to every worker that can take it, then arm the policy's wake-up."""
-        policy = self.policy
+        """Hand the core's dispatches to the simulated workers, then arm the core's wake-up."""
+        dispatches = self.core.schedule(now)
+        self.batches.extend(d.batch for d in dispatches)
         if self.continuous:
+            for d in dispatches:
+                self._ccb[d.worker].pending.append(d)
+                self.stats.batches += 1
+                self.stats.batch_requests += d.batch.size
+            for w in sorted({d.worker for d in dispatches}):
+                self._track_reservation(w)
             for w, wk in enumerate(self._ccb):
-                while (batch := policy.next_batch(w, now)) is not None:
-                    self._track_reservation(w)
-                    wk.pending.extend(self._reqs[r.id] for r in batch.requests)
-                    self.stats.batches += 1
-                    self.stats.batch_requests += batch.size
                 if not wk.scheduled:
                     self._plan(w, now)
                 elif wk.pending and wk.seg is not None:
                     self._cut_segment(w, now)
-            any_idle = True  # a continuous worker can always be offered work
         else:
-            for w in range(self.n_workers):
-                if not self._busy[w]:
-                    batch = policy.next_batch(w, now)
-                    if batch is not None:
-                        self._start_batch(w, batch, now)
-            any_idle = not all(self._busy)
-        if any_idle:
-            wake = policy.next_wakeup(now)
-            if wake is not None:
-                at = wake if wake > now else now + _WAKE_GUARD_S
-                if not (now < self._wake_at <= at):  # no earlier wake-up already armed
-                    self._wake_at = at
-                    self._push(at, "wake", None)
+            for d in dispatches:
+                self._start_batch(d, now)
+        wake = self.core.next_wakeup(now)
+        if wake is not None:
+            at = wake if wake > now else now + _WAKE_GUARD_S
+            if not (now < self._wake_at <= at):  # no earlier wake-up already armed
+                self._wake_at = at
+                self._push(at, "wake", None)
 
     # -- outcomes -------------------------------------------------------------------------------
-    def _finish(self, r: SimRequest, now: float, ok: bool, error: str | None = None) -> None:
-        if r.status is not None:
-            raise RuntimeError(f"request {r.sched.id} finished twice")
-        r.status = "ok" if ok else OOM_STATUS
-        if ok:
-            r.end = now
-        else:
-            r.error = error
-        self._done += 1
-        self._bar.update(1)  # type: ignore[union-attr]
-
-    def _fail_oom(self, failed: list[SchedRequest], now: float) -> None:
-        for s in failed:
-            self._finish(self._reqs[s.id], now, False, (
-                f"insufficient_memory: request does not fit in worker memory even alone "
-                f"(prompt {s.prompt_tokens} + max_tokens {s.max_tokens})"
-            ))
+    def _count(self, up: Update) -> None:
+        self._done += len(up.finished)
+        self._bar.update(len(up.finished))  # type: ignore[union-attr]
 
     # -- static workers -------------------------------------------------------------------------
-    def _start_batch(self, w: int, batch: Batch, now: float) -> None:
-        cost, st = self.cost, self.stats
+    def _start_batch(self, d: Dispatch, now: float) -> None:
+        cost, st, batch = self.cost, self.stats, d.batch
         size = batch.size
         L = batch.max_prompt
-        G = max(self._reqs[r.id].true_tokens for r in batch.requests)
+        G = max(r.true_tokens for r in batch.requests)  # type: ignore[type-var]
         prefill = cost.prefill_time(size, L)
         overhead = cost.hw.batch_overhead_s
         if size * (L + G) > self.kv_cap:
             g0 = math.floor(self.kv_cap / size - L) + 1  # the token whose cache crosses the limit
             duration = cost.batch_time(size, L, max(g0, 1)) if g0 >= 1 else prefill + overhead
             st.total_tokens += size * max(g0 - 1, 0)
-            payload = (w, batch, now, True, prefill, duration - prefill - overhead)
+            oom, gen = True, max(g0 - 1, 0)
         else:
             duration = cost.batch_time(size, L, G)
             st.total_tokens += size * G
             st.peak_kv_frac = max(st.peak_kv_frac, size * (L + G) / self.kv_cap)
-            payload = (w, batch, now, False, prefill, duration - prefill - overhead)
+            oom, gen = False, G
         if self.ttft == "first-token" and size * L <= self.kv_cap:  # the prefill completed
             for r in batch.requests:
-                sr = self._reqs[r.id]
-                if sr.first_token is None:
-                    sr.first_token = now + overhead + prefill
-        self._busy[w] = True
+                if r.first_token_at is None:
+                    r.first_token_at = now + overhead + prefill
+        stats = BatchStats(batch.id, size, L, gen, prefill, duration - prefill - overhead,
+                           valid_tokens=0 if oom else sum(r.true_tokens for r in batch.requests),  # type: ignore[misc]
+                           total_tokens=size * gen, oom=oom, start_time=now, end_time=now + duration)
         st.batches += 1
         st.batch_requests += size
         st.busy_s += duration + self.turnaround_s
-        self._push(now + duration, "batch", payload)
+        self._push(now + duration, "batch", (d, stats))
 
-    def _batch_end(self, payload: tuple, now: float) -> None:
-        w, batch, start, oom, prefill_s, decode_s = payload
-        if self.turnaround_s > 0:
-            self._push(now + self.turnaround_s, "free", w)
-        else:
-            self._busy[w] = False
-        if oom:
+    def _batch_end(self, payload: tuple[Dispatch, BatchStats], now: float) -> None:
+        d, stats = payload
+        if stats.oom:
             self.stats.oom_batches += 1
-            self._fail_oom(self.policy.on_batch_oom(batch, now), now)
-            return
-        true_gen = {r.id: self._reqs[r.id].true_tokens for r in batch.requests}
-        self.policy.on_batch_done(
-            BatchOutcome(batch=batch, true_gen=true_gen, duration=now - start, prefill_s=prefill_s, decode_s=decode_s),
-            now,
-        )
-        for r in batch.requests:
-            sr = self._reqs[r.id]
-            if self.ttft == "batch-end" or sr.first_token is None:
-                sr.first_token = now
-            self._finish(sr, now, True)
+            out = BatchOutput(d.batch.id, Outcome.OOM, [], stats, "oom: simulated")
+        else:
+            out = BatchOutput(d.batch.id, Outcome.OK, [_row(r, r.true_tokens) for r in d.batch.requests], stats)
+        up = self.core.update_from_output(d.worker, out, now)
+        if self.turnaround_s > 0:
+            self.core.set_ready(d.worker, False)
+            self._push(now + self.turnaround_s, "free", d.worker)
+        for r in up.finished:
+            if r.status != RequestStatus.FINISHED_ERROR and (self.ttft == "batch-end" or r.first_token_at is None):
+                r.first_token_at = now
+        self._count(up)
 
     # -- continuous workers ---------------------------------------------------------------------
     def _track_reservation(self, w: int) -> None:
@@ -301,15 +272,15 @@ class Simulation:
         wk.version += 1
         if wk.pending:
             new, wk.pending = wk.pending, []
-            dt = self.cost.prefill_time(len(new), max(r.sched.prompt_tokens for r in new))
+            dt = self.cost.prefill_time(len(new), max(d.batch.max_prompt for d in new))
             if wk.n:
                 dt += self._step(wk.n, wk.kv)
                 wk.kv += wk.n
             self.stats.total_tokens += wk.n + len(new)
             wk.it += 1
             t = now + dt
-            for r in new:
-                self._join(wk, r, now, t)
+            for d in new:
+                self._join(wk, d, t)
             wk.seg = None
         elif wk.n:
             wk.seg = (now, wk.it, wk.kv)
@@ -330,14 +301,15 @@ class Simulation:
         self.stats.peak_kv_frac = max(self.stats.peak_kv_frac, wk.kv / self.kv_cap)
         self._push(t, "iter", (w, wk.version))
 
-    def _join(self, wk: _Continuous, r: SimRequest, admitted: float, first_token: float) -> None:
-        prompt, g = r.sched.prompt_tokens, r.true_tokens
-        run = _Running(r, wk.it, wk.it + g - 1, admitted)
+    def _join(self, wk: _Continuous, d: Dispatch, first_token: float) -> None:
+        (r,) = d.batch.requests
+        prompt, g = r.prompt_tokens, r.true_tokens
+        run = _Running(r, d.batch.id, wk.it, wk.it + g - 1)  # type: ignore[operator]
         if wk.kv + prompt + g > self.kv_cap:  # only a force-admitted request can be this large
             g0 = max(math.floor(self.kv_cap - wk.kv - prompt) + 1, 1)
             run.end_it, run.oom = wk.it + g0 - 1, True
-        elif r.first_token is None:
-            r.first_token = first_token
+        elif r.first_token_at is None:
+            r.first_token_at = first_token
         wk.kv += prompt + 1
         wk.n += 1
         self._seq += 1
@@ -366,18 +338,16 @@ class Simulation:
         while wk.heap and wk.heap[0][0] <= wk.it:
             _, _, run = heapq.heappop(wk.heap)
             r = run.req
+            gen = run.end_it - run.start_it + 1
             wk.n -= 1
-            wk.kv -= r.sched.prompt_tokens + (run.end_it - run.start_it + 1)
-            batch = Batch(requests=[r.sched], created=run.admitted)
+            wk.kv -= r.prompt_tokens + gen
+            stats = BatchStats(run.batch_id, 1, r.prompt_tokens, gen, 0.0, 0.0, gen, gen, oom=run.oom)
             if run.oom:
                 self.stats.oom_batches += 1
-                self._fail_oom(self.policy.on_batch_oom(batch, now), now)
+                out = BatchOutput(run.batch_id, Outcome.OOM, [], stats, "oom: simulated")
             else:
-                self.policy.on_batch_done(
-                    BatchOutcome(batch=batch, true_gen={r.sched.id: r.true_tokens}, duration=now - run.admitted),
-                    now,
-                )
-                self._finish(r, now, True)
+                out = BatchOutput(run.batch_id, Outcome.OK, [_row(r, r.true_tokens)], stats)  # type: ignore[arg-type]
+            self._count(self.core.update_from_output(w, out, now))
         if not wk.n:
             wk.kv = 0.0  # no float drift when empty
         # the dispatch that follows admits joiners and plans the next step

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench import corrupt, sources
-from bench.corpus import Corpus, Document
-from bench.tokens import count_tokens
-from bench.workloads import (
+from bench.workload import corrupt, sources
+from bench.workload.corpus import Corpus, Document
+from bench.workload.records import (
     APPS,
     CODE_TARGETS,
     INSTRUCTIONS,
@@ -35,6 +34,7 @@ from bench.workloads import (
     code_translation_instruction,
     translation_instruction,
 )
+from bench.workload.tokens import count_tokens
 
 MAX_TOKENS_CAP = 512
 OUTPUT_MARGIN = 1.3  # max_tokens over the expected output length

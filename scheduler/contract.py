@@ -1,0 +1,92 @@
+"""The worker contract: what a dispatched batch carries to a worker and what the worker sends back.
+
+Plain picklable data, so a worker can sit in another process or on another host. The server's
+workers (``worker/``) and the simulator's cost-model workers produce the same records, and the
+scheduling core (``scheduler.core``) consumes them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from scheduler.request import Request, SamplingParams
+
+
+@dataclass
+class WorkItem:
+    """One row of a batch: everything a worker needs to generate for one request."""
+
+    request_id: str  # the request's id, echoed in every output about it
+    prompt_ids: list[int]  # prompt token ids of the served model
+    max_tokens: int  # the row ends after this many generated tokens
+    sampling: SamplingParams  # temperature, top_p, seed and stop strings
+
+    @classmethod
+    def of(cls, req: Request) -> WorkItem:
+        return cls(req.id, req.prompt_ids, req.max_tokens, req.sampling)
+
+
+@dataclass
+class WorkBatch:
+    """A batch to run: a static batch (rows decoded together), or requests joining a continuous worker."""
+
+    batch_id: int  # the scheduler's batch id, echoed in the BatchOutput
+    items: list[WorkItem]  # the rows, in the order the policy gave them
+
+
+@dataclass
+class TokenEvent:
+    """Streamed while a batch runs: new text of one request (its first one marks the first token)."""
+
+    request_id: str  # which request the text belongs to
+    text: str  # the new characters (a possible stop-string prefix is held back until resolved)
+    time: float  # when it was produced: wall clock (time.time()) of the worker
+
+
+@dataclass
+class RowOutput:
+    """The final outcome of one row."""
+
+    request_id: str  # which request
+    text: str  # the whole generated text, cut at a stop string
+    output_tokens: int  # generated tokens, up to and including its end
+    finish_reason: str  # "stop" (end token or stop string) | "length" (max_tokens)
+    first_token_time: float | None  # wall clock of the first generated token
+
+
+@dataclass
+class BatchStats:
+    """Per-batch statistics: logged, and fed to the batch-time estimator."""
+
+    batch_id: int  # the batch they describe
+    size: int  # rows in the batch
+    max_prompt: int  # L(B): longest prompt, tokens
+    max_gen: int  # longest generation in the batch, tokens
+    prefill_s: float  # seconds of the prompt forward pass
+    decode_s: float  # seconds of the decode steps
+    valid_tokens: int  # tokens returned to users
+    total_tokens: int  # every token computed, wasted ones (padding rows, post-end) included
+    peak_mem_bytes: int | None = None  # device peak during the batch, where measurable
+    oom: bool = False  # the batch ran out of memory
+    start_time: float = 0.0  # wall clock on the worker
+    end_time: float = 0.0  # wall clock on the worker
+
+
+class Outcome(enum.Enum):
+    """How a batch ended on its worker."""
+
+    OK = "ok"  # every row has its RowOutput
+    OOM = "oom"  # out of memory: no rows; the scheduler splits and retries
+    ERROR = "error"  # any other failure: no rows; its requests fail
+
+
+@dataclass
+class BatchOutput:
+    """The worker's answer for one batch (a continuous worker answers per request, as a batch of one)."""
+
+    batch_id: int  # the WorkBatch it answers
+    outcome: Outcome  # OK, OOM or ERROR
+    rows: list[RowOutput]  # one per row when OK, else empty
+    stats: BatchStats | None  # None when the batch failed before it ran
+    error: str | None = None  # the failure's message (a traceback for ERROR)

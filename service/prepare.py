@@ -1,0 +1,54 @@
+"""From a validated HTTP body to the core's ``Request``: application and user texts, prompt
+tokens (in a thread), the context-length check, sampling settings and the length prediction."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from scheduler.request import Request, SamplingParams
+from service.errors import APIError
+from service.protocol import ChatCompletionRequest, CompletionRequest
+from service.state import Serving
+
+
+async def prepare(sv: Serving, body: CompletionRequest | ChatCompletionRequest, prompt: str | None = None) -> Request:
+    """The request for ``body`` (for a completion: one of its prompts), predicted if the policy wants it."""
+    loop = asyncio.get_running_loop()
+    info, cpu = sv.info, sv.state.cpu
+    if isinstance(body, ChatCompletionRequest):
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        app_text = "\n".join(m["content"] for m in msgs if m["role"] == "system")
+        user_text = "\n".join(m["content"] for m in msgs if m["role"] == "user")
+        prompt_ids, input_tokens = await loop.run_in_executor(cpu, info.encode_chat, msgs, user_text)
+        prefix, param = "chatcmpl", "messages"
+    else:
+        assert prompt is not None
+        app_text, user_text = body.instruction or "", prompt
+        full = f"{app_text}\n\n{prompt}" if app_text else prompt
+        prompt_ids, input_tokens = await loop.run_in_executor(cpu, info.encode_text, full, user_text)
+        prefix, param = "cmpl", "prompt"
+    if not prompt_ids:
+        raise APIError(400, "the prompt is empty", param=param)
+    max_tokens = body.max_tokens
+    if max_tokens is None:
+        max_tokens = min(sv.state.settings.default_max_tokens, info.max_model_len - len(prompt_ids))
+    if len(prompt_ids) + max_tokens > info.max_model_len or max_tokens < 1:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {info.max_model_len} tokens. However, you requested "
+            f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} in the "
+            f"completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens", code="context_length_exceeded",
+        )
+    req = Request(
+        id=f"{prefix}-{uuid.uuid4().hex}", prompt_tokens=len(prompt_ids), max_tokens=max_tokens, arrival=0.0,
+        prompt_ids=prompt_ids, app_text=app_text, user_text=user_text, input_tokens=input_tokens,
+        sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                                stop=tuple(body.stop or ())),
+    )
+    learners = sv.state.learners
+    if learners is not None and learners.predictor is not None and sv.engine.policy.needs_prediction:
+        req.prediction = await loop.run_in_executor(cpu, learners.predict, req)
+        sv.state.metrics.predictions.labels(req.prediction.source).inc()
+    return req
