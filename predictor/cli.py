@@ -18,14 +18,7 @@ import numpy as np
 
 from predictor.data import Row, load_jsonl, load_request_log
 from predictor.embedder import Embedder
-from predictor.evaluate import (
-    AppLinearBaseline,
-    AppMeanBaseline,
-    LinearBaseline,
-    evaluate_groups,
-    finalize,
-    markdown_tables,
-)
+from predictor.evaluate import evaluate_groups, finalize, runaway_probability, tree_lengths, yardstick
 from predictor.features import FeatureExtractor
 from predictor.forest import TARGETS, ForestParams, LengthForest
 from predictor.trainset import TrainingSet
@@ -64,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--limit", type=int, default=None, help="use at most this many rows (first ones)")
     t.set_defaults(func=cmd_train)
 
-    e = leaves.add_parser("eval", help="evaluate a model file against true lengths, with baselines")
+    e = leaves.add_parser("eval", help="evaluate a model file against true lengths and every cheap baseline")
     e.add_argument("file", metavar="FILE", help="JSONL rows with true output_tokens")
     e.add_argument("--model", required=True, metavar="MODEL")
     e.add_argument("--train", metavar="FILE",
@@ -74,6 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
     e.add_argument("--quantile", type=float, default=None, help="override the model's high quantile")
+    e.add_argument("--runaway-threshold", type=float, default=0.5,
+                   help="flag a runaway when P(length >= max_tokens) from the trees is at least this")
     e.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     e.set_defaults(func=cmd_eval)
 
@@ -136,11 +131,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate a model file and the baselines on a JSONL file; prints markdown tables.
+    """Evaluate a model file against every cheap baseline on a JSONL file; prints markdown.
 
-    Baselines (linear on input length; per-application mean; per-application line) are fitted
-    on ``--train`` if given, else on the training rows stored in the model file. Every method's
-    prediction is rounded, at least 1, and capped by the row's ``max_tokens`` when present.
+    Baselines (``predictor.evaluate.BASELINES``) are fitted on ``--train`` if given, else on the
+    training rows stored in the model file. Every method's prediction is rounded, at least 1, and
+    capped by the row's ``max_tokens`` when present. The runaway score of a row is the share of
+    trees predicting at least its ``max_tokens``.
     """
     forest = LengthForest.load(args.model)
     embedder = Embedder(args.embedder or forest.meta.embedder, device=args.device, threads=args.threads)
@@ -160,25 +156,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("the model holds no training rows; pass --train FILE for the baselines", file=sys.stderr)
         return 2
     quantile = args.quantile if args.quantile is not None else forest.quantile
-    true = np.array([r.output_tokens for r in rows], dtype=np.float64)
-    apps = [r.app_text for r in rows]
-    x = np.array([r.input_tokens for r in rows], dtype=np.float64)
-    caps = [r.max_tokens for r in rows]
-    point, high = _predict_rows(forest, rows, _featurize(rows, embedder), quantile)
-    methods = {
-        "predictor": point,
-        "linear(input)": finalize(LinearBaseline(b_x, b_y).predict(x), caps),
-        "app mean": finalize(AppMeanBaseline(b_apps, b_y).predict(apps), caps),
-        "app linear(input)": finalize(AppLinearBaseline(b_apps, b_x, b_y).predict(apps, x), caps),
-    }
-    results = evaluate_groups([r.group for r in rows], true, methods, {"predictor": high})
-    print(markdown_tables(results, quantile))
+    X = _featurize(rows, embedder)
+    point, high = _predict_rows(forest, rows, X, quantile)
+    score = runaway_probability(tree_lengths(forest, X), [r.max_tokens for r in rows])
+    report = yardstick(b_apps, b_x, b_y, rows, point, high, quantile, score, args.runaway_threshold,
+                       "P(length >= max_tokens), the share of trees predicting at least max_tokens")
+    print(report.markdown())
     if args.json:
         payload: dict[str, Any] = {
             "model": args.model, "eval_file": args.file,
             "baselines_fit_on": args.train or "model training rows",
-            "quantile": quantile, "meta": asdict(forest.meta),
-            "results": {g: {m: v.as_dict() for m, v in by.items()} for g, by in results.items()},
+            "quantile": quantile, "meta": asdict(forest.meta), **report.as_dict(),
+            "results": {g: {m: v.as_dict() for m, v in by.items()} for g, by in report.results.items()},
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2)

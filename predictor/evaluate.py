@@ -1,13 +1,32 @@
-"""Accuracy metrics of length predictions and the baselines the predictor is compared with."""
+"""The predictor's yardstick: accuracy against every cheap baseline, runaways, coverage.
+
+``yardstick`` scores, on test rows, the forest and every cheap baseline fitted on training rows
+(``BASELINES``; "app" means the application-level text, the instruction, as the server sees it),
+names the best baseline and the forest's MAE ratio to it, reports how many requests ran away
+(``output_tokens >= max_tokens``) and how well a runaway score ranks them, and how often the
+forest's high estimate covers the true length.
+"""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from sklearn.metrics import precision_score, recall_score, roc_auc_score
+
+from predictor.data import Row
+
+if TYPE_CHECKING:
+    from predictor.forest import LengthForest
+
+#: The forest's name in reports.
+FOREST = "predictor"
+#: The cheap baselines, each fitted on the training rows only (``max_tokens`` needs no fit).
+BASELINES = ("max_tokens", "global median", "app mean", "app median", "linear(input)", "app linear(input)")
 
 
 @dataclass
@@ -54,18 +73,19 @@ class LinearBaseline:
         return self.a + self.b * np.asarray(input_tokens, dtype=np.float64)
 
 
-class AppMeanBaseline:
-    """Mean true length per application text; the overall mean for an unseen application."""
+class AppStatBaseline:
+    """A statistic (mean, median) of the true length per application text; the statistic over all
+    rows for an unseen application."""
 
-    def __init__(self, apps: Sequence[str], y: np.ndarray) -> None:
-        groups: dict[str, list[float]] = defaultdict(list)
-        for a, v in zip(apps, np.asarray(y, dtype=np.float64), strict=True):
-            groups[a].append(float(v))
-        self.means = {a: float(np.mean(v)) for a, v in groups.items()}
-        self.overall = float(np.mean(y)) if len(y) else 0.0
+    def __init__(self, apps: Sequence[str], y: np.ndarray,
+                 stat: Callable[[np.ndarray], Any] = np.mean) -> None:
+        y = np.asarray(y, dtype=np.float64)
+        labels = np.asarray(apps, dtype=object)
+        self.values = {a: float(stat(y[labels == a])) for a in dict.fromkeys(apps)}
+        self.overall = float(stat(y)) if len(y) else 0.0
 
     def predict(self, apps: Sequence[str]) -> np.ndarray:
-        return np.array([self.means.get(a, self.overall) for a in apps], dtype=np.float64)
+        return np.array([self.values.get(a, self.overall) for a in apps], dtype=np.float64)
 
 
 class AppLinearBaseline:
@@ -97,6 +117,24 @@ def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return float(y.mean()), 0.0
     b, a = np.polyfit(x, y, 1)
     return float(a), float(b)
+
+
+def baseline_predictions(train_apps: Sequence[str], train_x: np.ndarray, train_y: np.ndarray,
+                         apps: Sequence[str], x: np.ndarray,
+                         max_tokens: Sequence[int | None]) -> dict[str, np.ndarray]:
+    """Raw predictions of every baseline in ``BASELINES`` for rows ``(apps, x)``, fitted on the
+    training rows; ``max_tokens`` (predict the request's limit) only when every row has one."""
+    y = np.asarray(train_y, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    out: dict[str, np.ndarray] = {}
+    if all(m is not None for m in max_tokens):
+        out["max_tokens"] = np.asarray(max_tokens, dtype=np.float64)
+    out["global median"] = np.full(len(x), float(np.median(y)) if len(y) else 0.0)
+    out["app mean"] = AppStatBaseline(train_apps, y, np.mean).predict(apps)
+    out["app median"] = AppStatBaseline(train_apps, y, np.median).predict(apps)
+    out["linear(input)"] = LinearBaseline(train_x, y).predict(x)
+    out["app linear(input)"] = AppLinearBaseline(train_apps, train_x, y).predict(apps, x)
+    return out
 
 
 def finalize(pred: np.ndarray, max_tokens: Sequence[int | None]) -> np.ndarray:
@@ -143,3 +181,147 @@ def markdown_tables(results: dict[str, dict[str, Metrics]], quantile: float) -> 
         for g, name, m in q_rows:
             lines.append(f"| {g} | {name} | {m.n} | {_fmt(m.high_width)} | {_fmt(m.high_coverage, True)} |")
     return "\n".join(lines)
+
+
+# --- runaways --------------------------------------------------------------------------------
+
+
+def tree_lengths(forest: LengthForest, X: np.ndarray) -> np.ndarray:
+    """Every tree's predicted length in tokens, shape ``(n_trees, n)``."""
+    from predictor.forest import _per_tree, _scale
+
+    return _per_tree(forest.model, X) * _scale(forest.target, X)
+
+
+def runaway_probability(trees: np.ndarray, max_tokens: Sequence[int | None]) -> np.ndarray:
+    """P(length >= max_tokens) per row: the share of trees (columns of ``trees``) predicting at least
+    the row's ``max_tokens``; NaN where it is unknown."""
+    caps = np.array([np.nan if m is None else float(m) for m in max_tokens])
+    with np.errstate(invalid="ignore"):
+        share = (np.asarray(trees, dtype=np.float64) >= caps).mean(axis=0)
+    return np.where(np.isnan(caps), np.nan, share)
+
+
+@dataclass
+class Runaways:
+    """Requests whose true length reached their ``max_tokens``, and how a score detects them."""
+
+    counts: dict[str, tuple[int, int]]  # group (and "overall") -> (runaways, rows with a max_tokens)
+    threshold: float  # a row is flagged when its score >= threshold
+    score: str | None = None  # what the score is, None when there is none
+    auc: float | None = None  # ROC AUC of the score (None without a score or with one class only)
+    precision: float | None = None  # of the flagged rows, the share that ran away
+    recall: float | None = None  # of the runaways, the share flagged
+    flagged: int | None = None
+
+    def share(self, group: str = "overall") -> float:
+        hits, n = self.counts[group]
+        return hits / n if n else math.nan
+
+
+def runaway_report(groups: Sequence[str], true: np.ndarray, max_tokens: Sequence[int | None],
+                   score: np.ndarray | None = None, threshold: float = 0.5,
+                   score_name: str | None = None) -> Runaways | None:
+    """Runaway share per group and, with a ``score``, its ROC AUC and precision/recall at
+    ``threshold``; over the rows with a known ``max_tokens`` (None when no row has one)."""
+    known = np.array([m is not None for m in max_tokens])
+    if not known.any():
+        return None
+    caps = np.array([m for m in max_tokens if m is not None], dtype=np.float64)
+    ran = np.asarray(true, dtype=np.float64)[known] >= caps
+    labels = np.asarray(groups, dtype=object)[known]
+    counts = {g: (int(ran[labels == g].sum()), int((labels == g).sum())) for g in sorted(set(labels))}
+    counts["overall"] = (int(ran.sum()), len(ran))
+    out = Runaways(counts, threshold)
+    if score is None:
+        return out
+    s = np.asarray(score, dtype=np.float64)[known]
+    flagged = s >= threshold
+    out.score, out.flagged = score_name, int(flagged.sum())
+    if 0 < ran.sum() < len(ran):
+        out.auc = float(roc_auc_score(ran, s))
+    out.precision = float(precision_score(ran, flagged, zero_division=np.nan))
+    out.recall = float(recall_score(ran, flagged, zero_division=np.nan))
+    out.precision, out.recall = (None if math.isnan(v) else v for v in (out.precision, out.recall))
+    return out
+
+
+# --- the yardstick -------------------------------------------------------------------------------
+
+
+@dataclass
+class Yardstick:
+    """The forest against every cheap baseline on test rows, with runaways and coverage."""
+
+    results: dict[str, dict[str, Metrics]]  # group (and "overall") -> method -> metrics
+    quantile: float  # of the forest's high estimate
+    runaways: Runaways | None = None
+    baselines: list[str] = field(default_factory=list)
+
+    def best_baseline(self, group: str = "overall") -> str:
+        """The baseline with the lowest MAE on ``group``."""
+        return min(self.baselines, key=lambda name: self.results[group][name].mae)
+
+    def ratio(self, group: str = "overall") -> float | None:
+        """Forest MAE / best baseline MAE on ``group`` (below 1: the forest is better); None if that MAE is 0."""
+        best = self.results[group][self.best_baseline(group)].mae
+        return self.results[group][FOREST].mae / best if best > 0 else None
+
+    @property
+    def coverage(self) -> float | None:
+        """Share of test rows whose true length is at most the forest's high estimate."""
+        return self.results["overall"][FOREST].high_coverage
+
+    def as_dict(self) -> dict[str, Any]:
+        """``best_baseline`` per group, ``coverage`` and ``runaways``, for the JSON report."""
+        best = {g: {"name": self.best_baseline(g), "mae": self.results[g][self.best_baseline(g)].mae,
+                    "predictor_mae": self.results[g][FOREST].mae, "ratio": self.ratio(g)}
+                for g in self.results}
+        runaways = None
+        if self.runaways is not None:
+            runaways = asdict(self.runaways)
+            runaways["counts"] = {g: {"runaways": k, "n": n, "share": self.runaways.share(g)}
+                                  for g, (k, n) in self.runaways.counts.items()}
+        return {"best_baseline": best, "coverage": self.coverage, "runaways": runaways}
+
+    def markdown(self) -> str:
+        """The report: best baseline and the forest's ratio to it first, then coverage, runaways and
+        the per-application tables."""
+        best, ratio = self.best_baseline(), self.ratio()
+        lines = [f"**Best cheap baseline: {best}**, MAE {_fmt(self.results['overall'][best].mae)} tokens; "
+                 f"the forest ({FOREST}) {_fmt(self.results['overall'][FOREST].mae)}: "
+                 f"forest / best = {_fmt(ratio)} (below 1: the forest is better).", "",
+                 "| application | best baseline | its MAE | forest MAE | forest / best |",
+                 "| --- | --- | ---: | ---: | ---: |"]
+        for g in self.results:
+            b = self.best_baseline(g)
+            lines.append(f"| {g} | {b} | {_fmt(self.results[g][b].mae)} | "
+                         f"{_fmt(self.results[g][FOREST].mae)} | {_fmt(self.ratio(g))} |")
+        lines += ["", f"**Coverage of the high estimate** (q = {self.quantile:g}): "
+                      f"{_fmt(self.coverage, True)} of the test rows have a true length <= it."]
+        if self.runaways is not None:
+            r = self.runaways
+            hits, n = r.counts["overall"]
+            text = f"**Runaways** (`output_tokens >= max_tokens`): {hits} of {n} ({_fmt(r.share(), True)})."
+            if r.score is not None:
+                text += (f" Score: {r.score}. ROC AUC {_fmt(r.auc)}; flagged at score >= {r.threshold:g}: "
+                         f"{r.flagged}, precision {_fmt(r.precision)}, recall {_fmt(r.recall)}.")
+            lines += ["", text, "", "| application | n | runaways | share |", "| --- | ---: | ---: | ---: |"]
+            lines += [f"| {g} | {n} | {k} | {_fmt(r.share(g), True)} |" for g, (k, n) in r.counts.items()]
+        return "\n".join([*lines, "", markdown_tables(self.results, self.quantile)])
+
+
+def yardstick(train_apps: Sequence[str], train_x: np.ndarray, train_y: np.ndarray, rows: Sequence[Row],
+              point: np.ndarray, high: np.ndarray, quantile: float, runaway_score: np.ndarray | None = None,
+              threshold: float = 0.5, score_name: str | None = None) -> Yardstick:
+    """Score the forest's ``point``/``high`` predictions for ``rows`` and every baseline fitted on the
+    training rows ``(train_apps, train_x, train_y)``; baselines are finalized like the forest."""
+    caps = [r.max_tokens for r in rows]
+    true = np.array([r.output_tokens for r in rows], dtype=np.float64)
+    groups = [r.group for r in rows]
+    raw = baseline_predictions(train_apps, train_x, train_y, [r.app_text for r in rows],
+                               np.array([r.input_tokens for r in rows], dtype=np.float64), caps)
+    methods = {FOREST: np.asarray(point, dtype=np.float64)} | {k: finalize(v, caps) for k, v in raw.items()}
+    results = evaluate_groups(groups, true, methods, {FOREST: np.asarray(high, dtype=np.float64)})
+    runaways = runaway_report(groups, true, caps, runaway_score, threshold, score_name)
+    return Yardstick(results, quantile, runaways, list(raw))

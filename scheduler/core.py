@@ -5,9 +5,10 @@ A driver (the server's engine, the simulator) owns the workers and calls, in any
 
 * ``add(request, now)`` for each arrival and ``abort(request_id, now)`` when a client goes away;
 * ``schedule(now)``: the idle workers get work; returns the ``Dispatch`` records to send;
-* ``update_from_output(worker, output, now)`` for each ``BatchOutput`` a worker sends back, and
-  ``worker_died(worker, now)`` when a worker is lost; both return an ``Update`` naming the
-  requests that finished (completed or failed) and the ones put back to wait;
+* ``update_from_rows(worker, batch_id, rows, now)`` for rows that ended while their batch runs
+  (early exit), ``update_from_output(worker, output, now)`` for each ``BatchOutput`` a worker
+  sends back, and ``worker_died(worker, now)`` when a worker is lost; each returns an ``Update``
+  naming the requests that finished (completed or failed) and the ones put back to wait;
 * ``next_wakeup(now)``: when to call ``schedule`` again if nothing else happens.
 
 A static worker runs one batch at a time; a continuous worker is offered work whenever the policy
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from scheduler.batch import Batch, BatchOutcome
-from scheduler.contract import BatchOutput, Outcome, WorkBatch, WorkItem
+from scheduler.contract import BatchOutput, Outcome, RowOutput, WorkBatch, WorkItem
 from scheduler.policy import Policy
 from scheduler.request import Failure, FailureCode, Request, RequestStatus
 
@@ -159,6 +160,16 @@ class SchedulerCore:
             return None
         return self.policy.next_wakeup(now)
 
+    def update_from_rows(self, worker: int, batch_id: int, rows: Sequence[RowOutput], now: float) -> Update:
+        """Rows that ended while their batch still runs (early exit): their requests complete now.
+        The batch's own output follows when its last row ends; the learners see it then."""
+        d = self._workers[worker].running.get(batch_id)
+        up = Update(dispatch=d)
+        if d is not None:
+            for row in rows:
+                self._complete(row, now, up)
+        return up
+
     def update_from_output(self, worker: int, output: BatchOutput, now: float) -> Update:
         """A worker's answer for a batch: finish its requests, or split it (OOM), or fail it."""
         d = self._workers[worker].running.pop(output.batch_id, None)
@@ -191,13 +202,7 @@ class SchedulerCore:
             duration=now - d.at, prefill_s=stats.prefill_s if stats else 0.0, decode_s=stats.decode_s if stats else 0.0,
         ), now)
         for row in output.rows:
-            r = self._requests.get(row.request_id)
-            if r is None or r.status != RequestStatus.RUNNING:
-                continue
-            r.output_tokens, r.finish_reason = row.output_tokens, row.finish_reason
-            del self._requests[r.id]
-            self._finish(r, now)
-            up.finished.append(r)
+            self._complete(row, now, up)
         return up
 
     def worker_died(self, worker: int, now: float) -> Update:
@@ -223,6 +228,15 @@ class SchedulerCore:
         return up
 
     # -- internals -------------------------------------------------------------------------------
+    def _complete(self, row: RowOutput, now: float, up: Update) -> None:
+        r = self._requests.get(row.request_id)
+        if r is None or r.status != RequestStatus.RUNNING:
+            return  # aborted, or already completed by an early row
+        r.output_tokens, r.finish_reason = row.output_tokens, row.finish_reason
+        del self._requests[r.id]
+        self._finish(r, now)
+        up.finished.append(r)
+
     def _fail(self, r: Request, now: float, code: FailureCode, message: str, up: Update) -> None:
         self._requests.pop(r.id, None)
         self._finish(r, now, failure=Failure(code, message))

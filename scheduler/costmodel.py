@@ -192,11 +192,31 @@ class CostModel:
 
     def decode_time(self, size: int, max_prompt: int, max_gen: int) -> float:
         """Sum of the ``G - 1`` decode steps in closed form (the KV cache grows by one each step)."""
-        n = max(max_gen - 1, 0)
-        kv_token_reads = size * (n * max_prompt + n * (n + 1) / 2)
+        return self.decode_steps_time(size, max_prompt, 0, max(max_gen - 1, 0))
+
+    def decode_steps_time(self, size: int, max_prompt: int, first: int, last: int) -> float:
+        """Decode steps ``first + 1 .. last`` of ``size`` rows (step ``j`` reads ``L + j`` cached
+        tokens per row), in closed form."""
+        n = max(last - first, 0)
+        kv_token_reads = size * (n * max_prompt + (first + 1 + last) * n / 2)
         mem = (n * self.model.weight_traffic_bytes + kv_token_reads * self.model.delta) / self.hw.bandwidth
         compute = 2 * self.model.params * size * n / self.hw.flops
         return mem + compute + n * self.hw.step_overhead_s
+
+    def row_end_times(self, max_prompt: int, gens: list[int]) -> list[float]:
+        """A static batch whose rows leave as they end (early exit): seconds from the batch's start
+        to each row's last token, in the order of ``gens``. Step ``j`` runs the rows with ``G > j``."""
+        if not gens:
+            return []
+        t = self.hw.batch_overhead_s + self.prefill_time(len(gens), max_prompt)
+        ends: dict[int, float] = {}
+        done_steps, live = 0, len(gens)
+        for g in sorted(set(gens)):
+            t += self.decode_steps_time(live, max_prompt, done_steps, max(g - 1, 0))
+            done_steps = max(g - 1, done_steps)
+            ends[g] = t
+            live -= gens.count(g)
+        return [ends[g] for g in gens]
 
     def batch_time(self, size: int, max_prompt: int, max_gen: int) -> float:
         """Seconds for a static batch: prefill + decode + per-batch overhead."""

@@ -134,10 +134,16 @@ class Engine:
         if st is None:
             return
         failure = None if error is None else Failure(FailureCode(error.code), error.message)
+        worker = st.request.worker
         before = self.core.abort(request_id, time.monotonic(), failure)
         if before is None:
             return
         stage = "waiting" if before == RequestStatus.WAITING else "running"
+        if before == RequestStatus.RUNNING and worker is not None:
+            try:  # its row leaves the batch (early exit) or the continuous worker stops decoding it
+                self._handles[worker].cancel(request_id)
+            except (OSError, BrokenPipeError):
+                pass
         if error is None:
             self.metrics.cancelled.labels(stage).inc()
         else:
@@ -207,6 +213,12 @@ class Engine:
             self._ready.set()
         elif kind == "tokens":
             self._on_tokens(payload)
+        elif kind == "rows":
+            batch_id, rows = payload
+            up = self.core.update_from_rows(index, batch_id, rows, time.monotonic())
+            by_id = {row.request_id: row for row in rows}
+            for req in up.finished:
+                self._finished(req, by_id.get(req.id))
         elif kind == "done":
             self._on_output(index, payload)
         elif kind == "exit":

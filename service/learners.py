@@ -19,8 +19,6 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CPU_KV_BUDGET = 2 * 1024**3  # Theta on CPU unless --kv-budget-bytes says otherwise
-
 
 def hardware_for(device: str) -> str:
     """The built-in hardware profile closest to ``device``."""
@@ -35,14 +33,21 @@ def hardware_for(device: str) -> str:
     return "A100-80GB"
 
 
-def memory_model(settings: Settings, info: ModelInfo, profile: ModelProfile) -> MemoryModel:
-    """Delta from the model config; Theta from free CUDA memory less the weights and a margin,
-    or the configured budget on CPU (or when ``kv_budget_bytes`` is set)."""
-    if settings.kv_budget_bytes is not None or not info.device.startswith("cuda"):
-        return MemoryModel(delta=profile.delta, theta=float(settings.kv_budget_bytes or CPU_KV_BUDGET))
-    import torch
+def memory_model(settings: Settings, info: ModelInfo, profile: ModelProfile, workers: int = 1) -> MemoryModel:
+    """Delta from the model config; Theta = ``kv_budget_bytes`` when set, else the free memory
+    of the device less the weights and a margin (``mem_reserve_frac``): free CUDA memory, or on
+    CPU the host's available memory shared by the ``workers`` processes, so that the scheduler
+    splits a batch before the kernel's out-of-memory killer would act."""
+    if settings.kv_budget_bytes is not None:
+        return MemoryModel(delta=profile.delta, theta=float(settings.kv_budget_bytes))
+    if info.device.startswith("cuda"):
+        import torch
 
-    free, _ = torch.cuda.mem_get_info(torch.device(info.device if ":" in info.device else "cuda:0"))
+        free, _ = torch.cuda.mem_get_info(torch.device(info.device if ":" in info.device else "cuda:0"))
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available / workers
     return MemoryModel.for_device(profile.delta, free, profile.weight_bytes, reserve_frac=settings.mem_reserve_frac)
 
 
@@ -106,7 +111,8 @@ def build(settings: Settings, info: ModelInfo) -> Learners:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     sched = build_scheduler(
         policy_settings(settings), model, get_hardware(hardware_for(info.device)),
-        memory=memory_model(settings, info, served_profile(settings.policy, model)),
+        memory=memory_model(settings, info, served_profile(settings.policy, model),
+                            workers=1 if info.device.startswith("cuda") else max(settings.num_workers, 1)),
         estimator_path=settings.state_dir / "estimator.json",
         estimator_source={"model": info.name, "device": info.device, "dtype": f"{info.dtype_bytes * 8}-bit"},
         sync_retrain=False,

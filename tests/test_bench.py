@@ -17,7 +17,7 @@ import pytest
 from bench.cli import register
 from bench.loadgen.load import RequestRecord, arrival_times, batch_tokens, summarize, summary_stats
 from bench.workload import corrupt, sources
-from bench.workload.builder import MAX_TOKENS_CAP, BuildConfig, Workload, build_workload, max_tokens_for
+from bench.workload.builder import MAX_TOKENS, BuildConfig, Workload, build_workload, max_tokens_for
 from bench.workload.corpus import Corpus
 from bench.workload.records import APPS, read_requests, write_jsonl
 from bench.workload.tokens import count_tokens
@@ -34,12 +34,12 @@ def workload() -> Workload:
 @pytest.fixture(scope="module")
 def functions() -> list[str]:
     docs, _ = sources.python_documents(sources.stdlib_files(40))
-    return [code for doc in docs for _, code in doc]
+    return [code for _, doc in docs for _, code in doc]
 
 
 @pytest.fixture(scope="module")
 def license_sentences() -> list[str]:
-    return [text for doc in sources.license_documents() for _, text in doc]
+    return [text for _, doc in sources.license_documents() for _, text in doc]
 
 
 def test_workload_has_six_apps_and_schema(workload: Workload, tmp_path: Path) -> None:
@@ -48,16 +48,38 @@ def test_workload_has_six_apps_and_schema(workload: Workload, tmp_path: Path) ->
     assert len({r.id for r in workload.all}) == len(workload.all) == 90
     assert {r.id for r in workload.train} | {r.id for r in workload.test} == {r.id for r in workload.all}
     assert not {r.id for r in workload.train} & {r.id for r in workload.test}
-    assert all(sum(r.app == app for r in workload.train) == 4 for app in APPS)  # 25% of 15, rounded
     translations = {r.instruction for r in workload.all if r.app == "machine_translation"}
     assert "Translate the following text from English to French." in translations
     assert "Translate the following text from Chinese to English." in translations
     for r in workload.all:
         d = r.to_dict()
-        assert set(d) == {"id", "app", "instruction", "input", "max_tokens"}
-        assert r.instruction and r.input.strip() and 0 < r.max_tokens <= MAX_TOKENS_CAP
+        assert set(d) == {"id", "app", "instruction", "input", "max_tokens", "source"}
+        assert r.instruction and r.input.strip() and r.source
     write_jsonl(tmp_path / "w.jsonl", (r.to_dict() for r in workload.all))
     assert read_requests(tmp_path / "w.jsonl") == workload.all
+
+
+def test_max_tokens_depends_only_on_the_application(workload: Workload) -> None:
+    for app in APPS:
+        of_app = [r for r in workload.all if r.app == app]
+        assert {r.max_tokens for r in of_app} == {MAX_TOKENS[app]} == {max_tokens_for(app)}
+        # inputs of very different lengths (so answers too) get the same limit
+        tokens = count_tokens([r.input for r in of_app])
+        assert max(tokens) >= 4 * min(tokens)
+    assert MAX_TOKENS["grammar_correction"] == 256 and MAX_TOKENS["bug_fixing"] == 512
+
+
+def test_split_is_by_source_document(workload: Workload) -> None:
+    train_sources = {r.source for r in workload.train}
+    test_sources = {r.source for r in workload.test}
+    assert train_sources and test_sources and not train_sources & test_sources
+    kinds = {s.split(":")[0] for s in train_sources | test_sources}
+    assert kinds == {"man", "catalog", "license", "python"}
+    # a Python file's functions (code) and docstrings (prose) share one source, hence one side
+    assert all(s.startswith("python:") and s.endswith(".py") for r in workload.all
+               if r.app in ("code_translation", "bug_fixing", "code_commenting") for s in [r.source])
+    for app in APPS:  # stratified: 25% of 15 per application, as far as whole documents allow
+        assert 2 <= sum(r.app == app for r in workload.train) <= 6, app
 
 
 def test_workload_is_deterministic(workload: Workload) -> None:
@@ -71,12 +93,16 @@ def test_workload_is_deterministic(workload: Workload) -> None:
 def test_inputs_span_short_to_long(workload: Workload) -> None:
     tokens = count_tokens([r.input for r in workload.all])
     assert min(tokens) <= 10 and max(tokens) >= 200
-    assert max_tokens_for(5) == 23 and max_tokens_for(1000) == MAX_TOKENS_CAP
 
 
 def test_corpus_samples_near_target() -> None:
-    corpus = Corpus.from_documents("licenses", sources.license_documents(), count_tokens)
+    documents = sources.license_documents()
+    corpus = Corpus.from_documents("licenses", documents, count_tokens)
     rng = np.random.default_rng(0)
+    text, source = corpus.draw(60, rng)
+    assert source in {name for name, _ in documents} and source.startswith("license:")
+    units = [t for name, doc in documents if name == source for _, t in doc]
+    assert any(text.startswith(t) for t in units) and any(text.endswith(t) for t in units)
     for target in (8, 60, 400):
         lengths = count_tokens([corpus.sample(target, rng) for _ in range(10)])
         assert max(lengths) <= 1.3 * target + 2  # separators between units are not counted

@@ -313,15 +313,23 @@ def test_cli_train_eval_info(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     model = tmp_path / "m.joblib"
     assert cli_main(["predictor", "train", "--from-jsonl", str(train), "--out", str(model),
                      "--n-estimators", "25", "--holdout", "0.2", "--threads", "1"]) == 0
+    capsys.readouterr()
     out_json = tmp_path / "eval.json"
     assert cli_main(["predictor", "eval", str(test), "--model", str(model), "--json", str(out_json),
                      "--threads", "1"]) == 0
     printed = capsys.readouterr().out
+    assert printed.startswith("**Best cheap baseline: ")
     assert "| application | method |" in printed and "| overall | predictor |" in printed
     res = json.loads(out_json.read_text())
     assert set(res["results"]) == {"translate", "grammar", "keywords", "overall"}
     overall = res["results"]["overall"]
-    assert set(overall) == {"predictor", "linear(input)", "app mean", "app linear(input)"}
+    assert set(overall) == {"predictor", "max_tokens", "global median", "app mean", "app median",
+                            "linear(input)", "app linear(input)"}
+    best = res["best_baseline"]["overall"]
+    assert best["name"] in overall and best["mae"] == min(overall[m]["mae"] for m in overall if m != "predictor")
+    assert best["ratio"] == pytest.approx(overall["predictor"]["mae"] / best["mae"])
+    assert res["coverage"] == overall["predictor"]["high_coverage"]
+    assert res["runaways"]["counts"]["overall"] == {"runaways": 0, "n": 21, "share": 0.0}  # all far below 256
     assert overall["predictor"]["n"] == 21 and 0 <= overall["predictor"]["high_coverage"] <= 1
     assert res["meta"]["train_size"] == 48 and "holdout_mae" in res["meta"]["metrics"]
     # the forest beats the input-length-only line on this workload

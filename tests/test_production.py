@@ -254,7 +254,10 @@ def test_waiting_tokens_limit_uses_the_policy() -> None:
 def guarded(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(tmp_path_factory.mktemp("guarded"), tiny_model_dir, policy="vs", batch_size=8,
                        max_wait=0.05, api_keys=f"{KEY},sk-other", max_request_bytes=65536, request_timeout_s=3,
-                       step_delay_s=0.005, **TINY)  # the 1000-token request must outlast the 3 s timeout
+                       step_delay_s=0.005, batch_exit="literal", **TINY)
+    # the 1000-token request must outlast the 3 s timeout and, in the literal mode, keep the worker
+    # until its batch ends, so that queued requests time out while waiting (with early exit its row
+    # leaves at its timeout and the queue moves on: tests/test_early_exit.py)
     yield srv
     srv.stop()
 

@@ -290,3 +290,32 @@ def test_file_arrivals_and_file_predictions(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         make_trace(wl, 41, rate=None)
     assert main([str(tmp_path / "trace.jsonl"), "--policies", "vs", "--no-progress"]) == 0
+
+
+def test_early_exit_rows_leave_a_shrinking_batch() -> None:
+    cost = CostModel(CHATGLM_6B, V100)
+    shapes = [(100, 10, 512, 0.0, None), (300, 200, 512, 0.0, None), (40, 50, 512, 0.0, None)]
+    assert cost.row_end_times(300, [50, 50, 50])[0] == pytest.approx(cost.batch_time(3, 300, 50))
+    ends = cost.row_end_times(300, [10, 200, 50])
+    assert ends[0] < ends[2] < ends[1] < cost.batch_time(3, 300, 200)  # fewer rows after each departure
+    early = sim_requests(shapes)
+    stats = Simulation(VanillaPolicy(batch_size=3, max_wait=0.0), cost, 1, early_exit=True).run(early)
+    assert [r.finished_at for r in early] == pytest.approx(ends)
+    assert stats.total_tokens == 10 + 200 + 50  # each row its own length, no post-end steps
+    literal = sim_requests(shapes)
+    stats = Simulation(VanillaPolicy(batch_size=3, max_wait=0.0), cost, 1).run(literal)
+    assert all(r.finished_at == pytest.approx(cost.batch_time(3, 300, 200)) for r in literal)
+    assert stats.total_tokens == 3 * 200
+
+
+def test_early_exit_oom_returns_the_rows_that_ended_first() -> None:
+    cap_tokens = 900  # two rows of L=300 fit to token 150; one row alone to 600
+    hw = replace(V100, mem_bytes=CHATGLM_6B.weight_bytes + cap_tokens * CHATGLM_6B.delta)
+    cost = CostModel(CHATGLM_6B, hw)
+    reqs = sim_requests([(300, 100, 512, 0.0, None), (300, 500, 512, 0.0, None)])
+    stats = Simulation(VanillaPolicy(batch_size=2, max_wait=0.0), cost, 1, early_exit=True).run(reqs)
+    assert stats.oom_batches == 0  # the short row left at 100 tokens, so the long one fits alone
+    reqs = sim_requests([(300, 200, 512, 0.0, None), (300, 700, 512, 0.0, None)])
+    stats = Simulation(VanillaPolicy(batch_size=2, max_wait=0.0), cost, 1, early_exit=True).run(reqs)
+    assert stats.oom_batches >= 1 and reqs[0].status in OK  # 2 x (300 + 200) > 900: split, then both run
+    assert reqs[1].status == RequestStatus.FINISHED_ERROR  # 300 + 700 > 900 even alone

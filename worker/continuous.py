@@ -71,7 +71,8 @@ class ContinuousRunner:
 
     def _finish(self, batch_id: int, row: RequestText, start: float, error: str | None) -> None:
         with self._lock:
-            self._rows.pop(row.req.request_id, None)
+            if self._rows.pop(row.req.request_id, None) is None:
+                return  # already reported (a cancel and the last token crossed)
         end = time.time()
         res = row.result()
         n = len(row.ids)
@@ -80,6 +81,16 @@ class ContinuousRunner:
         outcome = Outcome.ERROR if error else Outcome.OK
         self.send("done", BatchOutput(batch_id=batch_id, outcome=outcome, rows=[] if error else [res], stats=stats,
                                        error=error))
+
+    def cancel(self, request_id: str) -> None:
+        """The client went away: stop decoding it and report it done (its reservation is freed)."""
+        with self._lock:
+            entry = self._rows.get(request_id)
+        if entry is None:
+            return
+        self.mgr.cancel_request(request_id)
+        batch_id, row, start = entry
+        self._finish(batch_id, row, start, None)
 
     def stop(self) -> None:
         self._stop.set()

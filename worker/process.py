@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ class WorkerConfig:
     mem_cap_bytes: int | None = None  # fault injection: KV cache cap below the real memory
     oom_every: int = 0  # fault injection: every Nth multi-request batch runs out of memory
     step_delay_s: float = 0.0  # fault injection: sleep after every decode step (a slow device)
+    early_exit: bool = True  # static batches: a row leaves the batch the step it ends (False: the paper's literal mode)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,7 +67,8 @@ def _main(conn, cfg: WorkerConfig) -> None:
 
             runner: Any = ContinuousRunner(model, tok, send)
         else:
-            runner = BatchRunner(model, tok, cfg.device, delta, cfg.mem_cap_bytes, cfg.oom_every, cfg.step_delay_s)
+            runner = BatchRunner(model, tok, cfg.device, delta, cfg.mem_cap_bytes, cfg.oom_every, cfg.step_delay_s,
+                                 early_exit=cfg.early_exit)
         info: dict[str, Any] = {"pid": os.getpid(), "device": cfg.device, "delta": delta}
         if cfg.device.startswith("cuda"):
             free, total = torch.cuda.mem_get_info()
@@ -74,30 +77,61 @@ def _main(conn, cfg: WorkerConfig) -> None:
     except Exception:  # noqa: BLE001 - report any load failure to the parent, then exit
         conn.send(("fatal", traceback.format_exc()))
         return
+    inbox = _Inbox(conn)
     while True:
         try:
-            msg = conn.recv()
+            msg = inbox.next()
         except EOFError:
             return
         if msg is None:
             if cfg.mode == "continuous":
                 runner.stop()
             return
+        if isinstance(msg, tuple):  # ("cancel", request id)
+            if cfg.mode == "continuous":
+                runner.cancel(msg[1])
+            continue  # a static batch that already ended: nothing to drop
         batch: WorkBatch = msg
         if cfg.mode == "continuous":
             runner.submit(batch)
             continue
         try:
-            done = runner.run(batch, lambda evs: send("tokens", evs))
+            done = runner.run(batch, lambda evs: send("tokens", evs),
+                              on_rows=lambda rows, b=batch.batch_id: send("rows", (b, rows)), cancelled=inbox.cancelled)
         except Exception:  # noqa: BLE001 - a failing batch must not kill the worker
             done = BatchOutput(batch_id=batch.batch_id, outcome=Outcome.ERROR, rows=[], stats=None,
                                error=traceback.format_exc())
+        inbox.cancels.clear()
         send("done", done)
+
+
+class _Inbox:
+    """The worker's pipe: cancellations that arrive while a batch runs are collected (polled
+    between decode steps); anything else waits for the main loop."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.cancels: set[str] = set()
+        self.held: deque[Any] = deque()
+
+    def next(self) -> Any:
+        return self.held.popleft() if self.held else self.conn.recv()
+
+    def cancelled(self) -> set[str]:
+        """Request ids cancelled so far (a non-blocking read of the pipe)."""
+        while self.conn.poll():
+            msg = self.conn.recv()
+            if isinstance(msg, tuple) and msg[0] == "cancel":
+                self.cancels.add(msg[1])
+            else:
+                self.held.append(msg)
+        return self.cancels
 
 
 class WorkerHandle:
     """Parent-side handle of one worker process; ``on_message(kind, payload)`` is called from a
-    reader thread for every message (``ready``, ``tokens``, ``done``, ``fatal``, ``exit``)."""
+    reader thread for every message (``ready``, ``tokens``, ``rows`` (rows that ended early),
+    ``done``, ``fatal``, ``exit``)."""
 
     def __init__(self, index: int, cfg: WorkerConfig, on_message: Callable[[int, str, Any], None]) -> None:
         self.index = index
@@ -131,6 +165,12 @@ class WorkerHandle:
         with self._send_lock:
             assert self._conn is not None
             self._conn.send(batch)
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a running request's row (read by the worker between decode steps)."""
+        with self._send_lock:
+            if self._conn is not None:
+                self._conn.send(("cancel", request_id))
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()

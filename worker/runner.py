@@ -1,4 +1,5 @@
-"""Static batch execution: left-pad to the longest prompt, prefill, decode until every request ended."""
+"""Static batch execution: left-pad to the longest prompt, prefill, decode until every request
+ended. With early exit (the default) each row is reported and leaves the batch the step it ends."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class BatchRunner:
         mem_cap_bytes: int | None = None,
         oom_every: int = 0,
         step_delay_s: float = 0.0,
+        early_exit: bool = True,
     ) -> None:
         self.model = model
         self.tok = tokenizer
@@ -48,6 +50,9 @@ class BatchRunner:
         self.oom_every = oom_every  # fault injection: every Nth batch of size > 1 runs out of memory
         self._batches = 0
         self.step_delay_s = step_delay_s  # fault injection: a slower device, for timing-free tests
+        # early exit: a row leaves the batch the step it ends (its cache rows dropped); else the
+        # paper's literal static batch: every row is computed until the longest one ends
+        self.early_exit = early_exit
         self.eos_ids = eos_ids_of(model, tokenizer)
         # prefill needs the last position's logits only: B x L x vocab would dwarf the KV cache
         params = inspect.signature(model.forward).parameters
@@ -61,8 +66,19 @@ class BatchRunner:
                 f"KV cache of {size} x {length} tokens needs {need} bytes > cap {self.mem_cap}"
             )
 
-    def run(self, batch: WorkBatch, emit: Callable[[list[TokenEvent]], None] | None = None) -> BatchOutput:
-        """Run one batch to the end. Out-of-memory is caught and reported as ``error='oom'``."""
+    def run(
+        self,
+        batch: WorkBatch,
+        emit: Callable[[list[TokenEvent]], None] | None = None,
+        on_rows: Callable[[list[RowOutput]], None] | None = None,
+        cancelled: Callable[[], set[str]] | None = None,
+    ) -> BatchOutput:
+        """Run one batch to the end. Out-of-memory is caught and reported as an OOM outcome.
+
+        ``emit``: new text of rows as it is decoded. With early exit, ``on_rows`` gets each row the
+        step it ends and the row leaves the batch; ``cancelled()`` names rows to drop now (they
+        leave the same way, without an output). The returned output holds every row that was not
+        cancelled (early ones again), so the learners see the whole batch."""
         start = time.time()
         size = len(batch.items)
         max_prompt = max(len(r.prompt_ids) for r in batch.items)
@@ -72,7 +88,7 @@ class BatchRunner:
         try:
             if self.oom_every and size > 1 and self._batches % self.oom_every == 0:
                 raise InjectedOOM(f"injected OOM on batch {batch.batch_id} (every {self.oom_every})")
-            return self._run(batch, emit, start)
+            return self._run(batch, emit, on_rows, cancelled, start)
         except Exception as exc:  # noqa: BLE001 - classify, then re-raise anything that is not OOM
             if not is_oom(exc):
                 raise
@@ -92,7 +108,7 @@ class BatchRunner:
         return None
 
     @torch.inference_mode()
-    def _run(self, batch: WorkBatch, emit, start: float) -> BatchOutput:
+    def _run(self, batch: WorkBatch, emit, on_rows, cancelled, start: float) -> BatchOutput:
         reqs = batch.items
         size = len(reqs)
         max_prompt = max(len(r.prompt_ids) for r in reqs)
@@ -123,31 +139,48 @@ class BatchRunner:
         prefill_s = time.perf_counter() - t0
         del out
 
-        steps = 0
+        live = list(range(size))  # rows of ``reqs`` still in the tensors, in tensor order
+        dropped: set[int] = set()  # cancelled rows: no output
+        steps = row_steps = 0
         t1 = time.perf_counter()
         while True:
-            next_ids = self._sample(logits, rows, generators)
+            next_ids = self._sample(logits, [rows[i] for i in live], [generators[i] for i in live])
             steps += 1
+            row_steps += len(live)
             now = time.time()
             events: list[TokenEvent] = []
-            for i, row in enumerate(rows):
-                if row.done:
-                    continue
-                row.append(int(next_ids[i]), now)
-                ev = row.flush()
+            for j, i in enumerate(live):
+                rows[i].append(int(next_ids[j]), now)
+                ev = rows[i].flush()
                 if ev is not None:
                     events.append(ev)
             if emit is not None and events:
                 emit(events)
-            if all(row.done for row in rows) or steps >= steps_allowed:
+            gone = {i for i in live if rows[i].done}
+            if self.early_exit:
+                if on_rows is not None and gone:
+                    on_rows([rows[i].result() for i in live if i in gone])
+                if cancelled is not None:
+                    ids = cancelled()
+                    new = {i for i in live if reqs[i].request_id in ids and i not in gone}
+                    dropped |= new
+                    gone |= new
+            if len(gone) == len(live) or steps >= steps_allowed:
                 break
             if self.step_delay_s:
                 time.sleep(self.step_delay_s)
-            self._check_cap(size, max_prompt + steps + 1)
-            mask = torch.cat([mask, mask.new_ones((size, 1))], dim=1)
+            if self.early_exit and gone:  # finished and cancelled rows leave the batch
+                keep = [j for j, i in enumerate(live) if i not in gone]
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, positions, next_ids = mask[index], positions[index], next_ids[keep]
+                live = [live[j] for j in keep]
+            n = len(live)
+            self._check_cap(n, max_prompt + steps + 1)
+            mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
             positions = positions[:, -1:] + 1
             out = self.model(
-                input_ids=next_ids.view(size, 1).to(self.device),
+                input_ids=next_ids.view(n, 1).to(self.device),
                 attention_mask=mask,
                 position_ids=positions,
                 past_key_values=cache,
@@ -158,30 +191,33 @@ class BatchRunner:
         decode_s = time.perf_counter() - t1
         del cache
 
-        results: list[RowOutput] = [row.result() for row in rows]
+        results: list[RowOutput] = [row.result() for i, row in enumerate(rows) if i not in dropped]
         stats = BatchStats(
             batch_id=batch.batch_id, size=size, max_prompt=max_prompt,
             max_gen=max(len(r.ids) for r in rows), prefill_s=prefill_s, decode_s=decode_s,
-            valid_tokens=sum(len(r.ids) for r in rows), total_tokens=size * steps,
+            valid_tokens=sum(len(r.ids) for r in rows), total_tokens=row_steps,
             peak_mem_bytes=self._peak(), start_time=start, end_time=time.time(),
         )
         return BatchOutput(batch_id=batch.batch_id, outcome=Outcome.OK, rows=results, stats=stats)
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: list[RequestText], generators: list[torch.Generator | None]) -> torch.Tensor:
-        """Greedy for temperature 0, else temperature + nucleus sampling with the row's generator."""
-        next_ids = logits.argmax(dim=-1).cpu()
-        for i, row in enumerate(rows):
-            g = generators[i]
-            if row.done or g is None:
-                continue
-            probs = torch.softmax(logits[i].float() / row.req.sampling.temperature, dim=-1).cpu()
-            if row.req.sampling.top_p < 1.0:
-                sorted_p, idx = probs.sort(descending=True)
-                cum = sorted_p.cumsum(0)
-                keep = cum - sorted_p < row.req.sampling.top_p
-                keep[0] = True  # the top token always (a top_p below float32's range would keep none)
-                sorted_p = sorted_p * keep
-                probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
-            next_ids[i] = torch.multinomial(probs, 1, generator=g)[0]
-        return next_ids
+        """Greedy for temperature 0; else temperature + nucleus sampling, vectorised over the
+        sampled rows on the model's device. Each row draws its uniform from its own seeded
+        generator (inverse-CDF sampling), so a row's tokens depend on its seed, not its batch."""
+        next_ids = logits.argmax(dim=-1)
+        idx = [i for i, g in enumerate(generators) if g is not None and not rows[i].done]
+        if idx:
+            dev = logits.device
+            sel = torch.tensor(idx, device=dev)
+            temps = torch.tensor([rows[i].req.sampling.temperature for i in idx], device=dev)
+            top_p = torch.tensor([rows[i].req.sampling.top_p for i in idx], device=dev)
+            probs = torch.softmax(logits[sel].float() / temps[:, None], dim=-1)
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            keep = (sorted_p.cumsum(-1) - sorted_p) < top_p[:, None]
+            keep[:, 0] = True  # the top token always (a top_p below float32's range would keep none)
+            cum = (sorted_p * keep).cumsum(-1)
+            u = torch.cat([torch.rand(1, generator=generators[i]) for i in idx]).to(dev) * cum[:, -1]
+            pick = torch.searchsorted(cum, u[:, None].contiguous()).clamp(max=cum.shape[-1] - 1)
+            next_ids[sel] = order.gather(1, pick).squeeze(1)
+        return next_ids.cpu()

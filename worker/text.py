@@ -29,11 +29,18 @@ class RequestText:
         self.done = False
         self.finish_reason = "length"
         self.first_token_time: float | None = None
+        self._prefix = 0  # ids[_prefix:_read] were decoded into the text's last piece (decoding context)
+        self._read = 0  # ids before this are in ``text``
         self.stop = req.sampling.stop
         self.max_stop = max((len(s) for s in self.stop), default=0)
 
     def append(self, token: int, now: float) -> None:
-        """Add one generated token; sets ``done`` on EOS, a stop string or max_tokens."""
+        """Add one generated token; sets ``done`` on EOS, a stop string or max_tokens.
+
+        Detokenization is incremental (constant work per token): only the tokens since the last
+        emitted boundary are decoded, with the previous boundary's tokens as context so that
+        tokenizers that merge across tokens (leading spaces, multi-byte characters) decode as a
+        whole-sequence decode would."""
         if self.done:
             return
         self.ids.append(token)
@@ -42,8 +49,11 @@ class RequestText:
         if token in self.eos_ids:
             self.done, self.finish_reason = True, "stop"
             return
-        new_text = self.tok.decode([t for t in self.ids if t not in self.eos_ids], skip_special_tokens=True)
-        if not new_text.endswith("\ufffd"):  # else an incomplete multi-byte character: wait for more
+        prefix = self.tok.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        tail = self.tok.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(tail) > len(prefix) and not tail.endswith("\ufffd"):  # else a character is still incomplete
+            new_text = self.text + tail[len(prefix):]
+            self._prefix, self._read = self._read, len(self.ids)
             if self.stop:
                 search_from = max(0, len(self.text) - self.max_stop)
                 hits = [i for s in self.stop if (i := new_text.find(s, search_from)) >= 0]

@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="log-normal sigma of --prediction noisy (default %(default)s)")
     p.add_argument("--lengths", default="auto", choices=("auto", "truth", "synthetic"),
                    help="true output lengths: the file's output_tokens, or the synthetic model")
+    p.add_argument("--batch-exit", default="early", choices=("early", "literal"),
+                   help="static batches: early = a row returns and leaves the batch the step it ends (the "
+                        "server's default); literal = the paper's static batch (every row runs to the longest)")
     p.add_argument("--ttft", default="batch-end", choices=("batch-end", "first-token"),
                    help="static batches: first token at the batch end, or after the prefill (streaming)")
     p.add_argument("--batch-size", type=int, help="VS/VSQ/GLP fixed batch size (default: the policy's)")
@@ -132,6 +135,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     elif measured is not None:
         notes.append("no overheads outside the batch simulated (--overheads none, no log, or records without "
                      "completion ids)")
+    notes.append("static batches: " + ("early exit (a row returns and leaves the batch the step it ends)"
+                                       if args.batch_exit == "early" else "literal (every row runs to the longest)"))
     notes.append(f"predictions: {args.prediction}" + (f" (sigma {args.noise_sigma})" if args.prediction == "noisy" else ""))
     mem = setup.cost("vs").memory_model(reserve_frac=params.reserve_frac)
     notes.append(f"{args.workers} workers; Theta {mem.theta / 2**30:.1f} GiB = {mem.theta / mem.delta:,.0f} KV tokens "
@@ -157,7 +162,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             return 2
         for name in names:
             run, _ = simulate_policy(name, trace, setup, params, args.workers, args.ttft,
-                                     not args.no_progress, rate, overheads)
+                                     not args.no_progress, rate, overheads, args.batch_exit == "early")
             runs.append(run)
             print(f"{name} rate={rate}: {run.summary.completed}/{run.summary.sent} done, "
                   f"{run.wall_s:.1f} s wall", file=sys.stderr)

@@ -87,7 +87,9 @@ class Simulation:
     """One run of ``policy`` on ``n_workers`` workers whose batches cost what ``cost`` says on a
     device of ``device_bytes``. ``ttft``: ``batch-end`` (a static batch's requests get their
     first token at its end) or ``first-token`` (after its prefill, as the streaming server).
-    ``turnaround_s``: a static worker's delay between a batch's end and taking the next one."""
+    ``turnaround_s``: a static worker's delay between a batch's end and taking the next one.
+    ``early_exit``: static batches let go (as the server's default runner): a row returns the step
+    it ends and leaves the batch, so later steps run only the live rows (``row_end_times``)."""
 
     def __init__(
         self,
@@ -98,6 +100,7 @@ class Simulation:
         ttft: str = "batch-end",
         progress: bool = False,
         turnaround_s: float = 0.0,
+        early_exit: bool = False,
     ) -> None:
         if n_workers < 1:
             raise ValueError("need at least one worker")
@@ -113,6 +116,7 @@ class Simulation:
         self.ttft = ttft
         self.progress = progress
         self.turnaround_s = turnaround_s
+        self.early_exit = early_exit
         self.continuous = policy.continuous
         self.core = SchedulerCore(policy, [self.continuous] * n_workers)
         self.stats = SimStats()
@@ -171,6 +175,11 @@ class Simulation:
     def _handle(self, kind: str, payload: object, now: float) -> None:
         if kind == "batch":
             self._batch_end(payload, now)  # type: ignore[arg-type]
+        elif kind == "rows":
+            d, rows = payload  # type: ignore[misc]
+            up = self.core.update_from_rows(d.worker, d.batch.id, rows, now)
+            self._first_token_at_end(up, now)
+            self._count(up)
         elif kind == "free":
             self.core.set_ready(payload, True)  # type: ignore[arg-type]
         elif kind == "iter":
@@ -210,8 +219,57 @@ class Simulation:
         self._done += len(up.finished)
         self._bar.update(len(up.finished))  # type: ignore[union-attr]
 
+    def _first_token_at_end(self, up: Update, now: float) -> None:
+        for r in up.finished:
+            if r.status != RequestStatus.FINISHED_ERROR and (self.ttft == "batch-end" or r.first_token_at is None):
+                r.first_token_at = now
+
     # -- static workers -------------------------------------------------------------------------
+    def _oom_token(self, L: int, gens: list[int]) -> int | None:
+        """Early exit: the token whose cache first crosses the KV capacity as the batch shrinks
+        (rows with ``G`` tokens hold ``L + g`` tokens while ``g <= G``), None when it fits."""
+        prev, live = 0, len(gens)
+        for g in sorted(set(gens)):
+            if live * (L + g) > self.kv_cap:
+                return max(math.floor(self.kv_cap / live - L) + 1, prev + 1)
+            self.stats.peak_kv_frac = max(self.stats.peak_kv_frac, live * (L + g) / self.kv_cap)
+            prev, live = g, live - gens.count(g)
+        return None
+
+    def _start_shrinking(self, d: Dispatch, now: float) -> None:
+        """Early exit: rows end (and leave) at their own lengths; an OOM hits the rows still live."""
+        cost, st, batch = self.cost, self.stats, d.batch
+        L, reqs = batch.max_prompt, batch.requests
+        gens = [r.true_tokens for r in reqs]
+        g0 = self._oom_token(L, gens)  # type: ignore[arg-type]
+        ran = gens if g0 is None else [min(g, g0) for g in gens]  # type: ignore[type-var]
+        ends = cost.row_end_times(L, ran)  # type: ignore[arg-type]
+        duration = max(ends)
+        prefill = cost.prefill_time(batch.size, L)
+        if self.ttft == "first-token" and batch.size * L <= self.kv_cap:
+            for r in reqs:
+                if r.first_token_at is None:
+                    r.first_token_at = now + cost.hw.batch_overhead_s + prefill
+        by_end: dict[float, list[RowOutput]] = {}
+        for r, g, end in zip(reqs, gens, ends, strict=True):
+            if (g0 is None and end < duration) or (g0 is not None and g < g0):
+                by_end.setdefault(end, []).append(_row(r, g))  # type: ignore[arg-type]
+        for end, rows in sorted(by_end.items()):
+            self._push(now + end, "rows", (d, rows))
+        oom = g0 is not None
+        stats = BatchStats(batch.id, batch.size, L, max(ran), prefill, duration - prefill - cost.hw.batch_overhead_s,
+                           valid_tokens=0 if oom else sum(gens), total_tokens=sum(ran), oom=oom,  # type: ignore[arg-type]
+                           start_time=now, end_time=now + duration)
+        st.total_tokens += sum(ran)  # type: ignore[arg-type]
+        st.batches += 1
+        st.batch_requests += batch.size
+        st.busy_s += duration + self.turnaround_s
+        self._push(now + duration, "batch", (d, stats))
+
     def _start_batch(self, d: Dispatch, now: float) -> None:
+        if self.early_exit:
+            self._start_shrinking(d, now)
+            return
         cost, st, batch = self.cost, self.stats, d.batch
         size = batch.size
         L = batch.max_prompt
@@ -251,9 +309,7 @@ class Simulation:
         if self.turnaround_s > 0:
             self.core.set_ready(d.worker, False)
             self._push(now + self.turnaround_s, "free", d.worker)
-        for r in up.finished:
-            if r.status != RequestStatus.FINISHED_ERROR and (self.ttft == "batch-end" or r.first_token_at is None):
-                r.first_token_at = now
+        self._first_token_at_end(up, now)
         self._count(up)
 
     # -- continuous workers ---------------------------------------------------------------------

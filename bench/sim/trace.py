@@ -115,13 +115,15 @@ def simulate_policy(
     progress: bool = False,
     rate: float | None = None,
     overheads: Overheads = NO_OVERHEADS,
+    early_exit: bool = True,
 ) -> tuple[PolicyRun, list[Traced]]:
-    """Run one policy on a trace; returns its metrics and the simulated requests."""
+    """Run one policy on a trace; returns its metrics and the simulated requests. ``early_exit``
+    as the server's ``--batch-exit early`` (default); False: the paper's literal static batches."""
     start = time.perf_counter()
     policy = build_policy(name, setup, params or PolicyParams())
     reqs = trace_requests(trace, policy.needs_prediction, overheads.ingress_s)
     sim = Simulation(policy, setup.cost(name), workers, ttft=ttft, progress=progress,
-                     turnaround_s=overheads.turnaround_s)
+                     turnaround_s=overheads.turnaround_s, early_exit=early_exit)
     stats = sim.run([t.request for t in reqs])
     summary = summarize([to_record(r, overheads.egress_s) for r in reqs], stats.total_tokens)
     return PolicyRun(name, rate, summary, stats, time.perf_counter() - start), reqs

@@ -33,22 +33,21 @@ CHARS_PER_TOKEN = 4
 TEMPLATE_TOKENS = 11
 DEFAULT_NOISE_SIGMA = 0.35
 
-#: bench.workload.builder sets ``max_tokens = min(512, ceil(1.3 * expected) + 16)``; the synthetic model
-#: inverts it to recover the expected output length (``a * input`` for the row's task direction).
-BUILDER_MARGIN, BUILDER_SLACK = 1.3, 16
-
-#: Synthetic length model per application: (sigma of the log-normal spread around the expected
-#: length, share of "runaway" generations that only stop at ``max_tokens``). Rewrites of a given
-#: text (grammar, bug fixing) vary least; free-form rewriting and commenting most.
-SYNTHETIC_APPS: dict[str, tuple[float, float]] = {
-    "machine_translation": (0.20, 0.03),
-    "grammar_correction": (0.10, 0.02),
-    "detoxification": (0.30, 0.05),
-    "code_translation": (0.25, 0.05),
-    "bug_fixing": (0.15, 0.05),
-    "code_commenting": (0.30, 0.05),
+#: Synthetic length model per application: (expected output tokens per input token, sigma of the
+#: log-normal spread around it, share of "runaway" generations that only stop at ``max_tokens``).
+#: Ratios: rewrites reproduce their input (1.0); commented code ~1.4x; code translation ~1.35x
+#: (the builder's target-language estimates); translation 1.0 (the geometric mean of the English
+#: -> X and X -> English directions, whose measured ratios are inverse). Rewrites of a given text
+#: (grammar, bug fixing) vary least; free-form rewriting and commenting most.
+SYNTHETIC_APPS: dict[str, tuple[float, float, float]] = {
+    "machine_translation": (1.0, 0.20, 0.03),
+    "grammar_correction": (1.0, 0.10, 0.02),
+    "detoxification": (1.0, 0.30, 0.05),
+    "code_translation": (1.35, 0.25, 0.05),
+    "bug_fixing": (1.0, 0.15, 0.05),
+    "code_commenting": (1.4, 0.30, 0.05),
 }
-SYNTHETIC_DEFAULT = (0.25, 0.04)
+SYNTHETIC_DEFAULT = (1.0, 0.25, 0.04)
 
 
 @dataclass(frozen=True)
@@ -81,14 +80,14 @@ def estimate_tokens(text: str) -> int:
 
 
 def synthetic_output(
-    app: str, max_tokens: int, rng: np.random.Generator, expected: float | None = None
+    app: str, max_tokens: int, rng: np.random.Generator, input_tokens: int, expected: float | None = None
 ) -> int:
     """A synthetic true length: ``expected * LogNormal(0, sigma_app)``, or ``max_tokens`` for a
-    runaway share of requests; in ``[1, max_tokens]``. ``expected`` defaults to the builder's
-    (inverted from ``max_tokens``)."""
-    sigma, runaway = SYNTHETIC_APPS.get(app, SYNTHETIC_DEFAULT)
+    runaway share of requests; in ``[1, max_tokens]``. ``expected`` defaults to the application's
+    output ratio times ``input_tokens``."""
+    ratio, sigma, runaway = SYNTHETIC_APPS.get(app, SYNTHETIC_DEFAULT)
     if expected is None:
-        expected = max(1.0, (max_tokens - BUILDER_SLACK) / BUILDER_MARGIN)
+        expected = max(1.0, ratio * input_tokens)
     if rng.random() < runaway:
         return max_tokens
     return int(min(max_tokens, max(1, round(expected * math.exp(rng.normal(0.0, sigma))))))
@@ -118,16 +117,16 @@ def load_workload(path: str, lengths: str = "auto", seed: int = 0) -> Workload:
         if use_truth:
             out = int(min(max_tokens, max(1, int(r["output_tokens"]))))
         else:
-            out = synthetic_output(app, max_tokens, rng)
+            out = synthetic_output(app, max_tokens, rng, inp)
         pred = r.get("predicted_tokens")
         rows.append(Row(str(r["id"]), app, inp, prompt, max_tokens, out, None if pred is None else int(pred)))
     arrivals = [float(r["arrival"]) for r in raw] if all("arrival" in r for r in raw) else None
     notes = []
     if not use_truth:
         notes.append(
-            "SYNTHETIC output lengths: expected length inverted from max_tokens (bench.workload.builder), "
-            "x LogNormal(0, sigma_app), plus a per-app share running to max_tokens "
-            "(bench/sim_workload.py SYNTHETIC_APPS); not measured on a model"
+            "SYNTHETIC output lengths: a per-app output ratio x input tokens, x LogNormal(0, sigma_app), "
+            "plus a per-app share running to max_tokens (bench/sim/workload.py SYNTHETIC_APPS); not "
+            "measured on a model"
         )
     if not has_tokens:
         notes.append(f"token counts ESTIMATED as chars/{CHARS_PER_TOKEN} (+{TEMPLATE_TOKENS} template tokens)")

@@ -1,19 +1,22 @@
 """Build the six-application workload from real text and code on this machine.
 
 For each request: draw a target input length (log-uniform between the task's bounds, in tokens of
-the default model), take a run of consecutive units of that length from a real corpus, turn it
-into the application's input (inject grammar errors, rude phrasing or a bug, strip comments),
-and set ``max_tokens`` from the expected output length:
+the default model), take a run of consecutive units of that length from one source document of a
+real corpus, turn it into the application's input (inject grammar errors, rude phrasing or a bug,
+strip comments), and send it with its application's fixed ``max_tokens`` (``MAX_TOKENS``), as an
+application does: the limit never depends on the answer.
 
-    max_tokens = min(512, ceil(1.3 * expected) + 16)
+The expected answer length bounds only which inputs an application is given. It is the input
+length times the task's output ratio: 1 where a correct answer reproduces the input (grammar
+correction, detoxification, bug fixing), 1.4 for commenting, for translation a ratio measured on
+the machine's gettext catalogs (human translations) for natural languages and an estimate per
+target language for code. A task's longest input is the one whose expected output, with a 1.3x
+margin and 16 tokens of slack, just fits the application's limit (``(max_tokens - 16) / 1.3``
+tokens), at most 1,000: a correct answer fits, and one that reaches ``max_tokens`` ran away.
 
-``expected`` is the token count of the text a correct answer reproduces where the builder knows
-it (the sentence before corruption, the polite text, the code before the bug), the code before
-its comments were stripped (at least 1.2x the input) for commenting, and the input length times a
-ratio for translation: measured on the machine's gettext catalogs (human translations) for
-natural languages, an estimate per target language for code. The upper input bound of a task is
-the length whose expected output is 380 tokens (so ``max_tokens`` stays within the cap), at
-most 1,000.
+The train/test split is by source document (a man page with its translations, a catalog, a
+license file, a Python file): every request records its ``source``, and no source has requests
+on both sides.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bench.workload import corrupt, sources
-from bench.workload.corpus import Corpus, Document
+from bench.workload.corpus import Corpus
 from bench.workload.records import (
     APPS,
     CODE_TARGETS,
@@ -36,10 +39,20 @@ from bench.workload.records import (
 )
 from bench.workload.tokens import count_tokens
 
-MAX_TOKENS_CAP = 512
-OUTPUT_MARGIN = 1.3  # max_tokens over the expected output length
+#: The generation limit each application sends. Grammar correction and detoxification rewrite a
+#: sentence or a paragraph and machine translation translates one, so 256 tokens; the code
+#: applications work on whole functions, whose translation or commented version is longer, so 512.
+MAX_TOKENS = {
+    "machine_translation": 256,
+    "grammar_correction": 256,
+    "detoxification": 256,
+    "code_translation": 512,
+    "bug_fixing": 512,
+    "code_commenting": 512,
+}
+MAX_TOKENS_CAP = max(MAX_TOKENS.values())
+OUTPUT_MARGIN = 1.3  # a task's longest expected output is (max_tokens - slack) / margin
 OUTPUT_SLACK = 16
-EXPECTED_OUTPUT_MAX = 380
 INPUT_MAX = 1000
 #: Output tokens per Python input token; no parallel code ships here, so these are estimates.
 CODE_RATIOS = {"JavaScript": 1.1, "C": 1.6, "Go": 1.3, "Java": 1.4}
@@ -53,8 +66,8 @@ INPUT_MIN = {
     "code_commenting": 12,
 }
 
-#: Turns a real text into (input, expected output tokens); None rejects the text.
-Transform = Callable[[str, np.random.Generator], tuple[str, int] | None]
+#: Turns a real text into an application's input; None rejects the text.
+Transform = Callable[[str, np.random.Generator], str | None]
 
 
 @dataclass
@@ -90,12 +103,17 @@ class Task:
     high: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.high = int(min(INPUT_MAX, EXPECTED_OUTPUT_MAX / self.output_ratio))
+        self.high = int(min(INPUT_MAX, longest_expected(self.app) / self.output_ratio))
 
 
-def max_tokens_for(expected: int) -> int:
-    """The generation limit of a request whose answer is expected to be ``expected`` tokens."""
-    return min(MAX_TOKENS_CAP, math.ceil(OUTPUT_MARGIN * expected) + OUTPUT_SLACK)
+def max_tokens_for(app: str) -> int:
+    """The generation limit of every request of application ``app``."""
+    return MAX_TOKENS[app]
+
+
+def longest_expected(app: str) -> float:
+    """The longest expected answer (tokens) an application's inputs are chosen for."""
+    return (MAX_TOKENS[app] - OUTPUT_SLACK) / OUTPUT_MARGIN
 
 
 class _Counter:
@@ -109,13 +127,6 @@ class _Counter:
         self.memo.update(zip(new, count_tokens(new), strict=True))
         return [self.memo[t] for t in texts]
 
-    def one(self, text: str) -> int:
-        return self([text])[0]
-
-
-def _singletons(texts: Sequence[str]) -> list[Document]:
-    return [[("", t)] for t in texts]
-
 
 def build_tasks(config: BuildConfig, count: _Counter) -> dict[str, list[Task]]:
     """The tasks of every application, with their corpora loaded."""
@@ -126,48 +137,53 @@ def build_tasks(config: BuildConfig, count: _Counter) -> dict[str, list[Task]]:
     code = Corpus.from_documents("python-functions", functions, count)
 
     pairs = {lang: sources.catalog_pairs(lang, config.catalogs) for lang in config.languages}
-    english_messages = sorted({en for lang_pairs in pairs.values() for en, _ in lang_pairs})
-    english = Corpus.from_documents("english-mt", english_man + _singletons(english_messages), count)
+    # a message and all its translations share one source: the first catalog holding it
+    catalog: dict[str, str] = {}
+    for lang_pairs in pairs.values():
+        for en, _, domain in lang_pairs:
+            catalog[en] = min(catalog.get(en, f"catalog:{domain}"), f"catalog:{domain}")
+    english_messages = sorted(catalog)
+    english = Corpus.from_documents(
+        "english-mt", english_man + [(catalog[en], [("", en)]) for en in english_messages], count
+    )
 
-    def keep(text: str, rng: np.random.Generator) -> tuple[str, int]:
-        return text, count.one(text)
+    def keep(text: str, rng: np.random.Generator) -> str:
+        return text
 
     tasks: dict[str, list[Task]] = {app: [] for app in APPS}
     low = INPUT_MIN["machine_translation"]
     for lang in config.languages:
-        ens, trs = zip(*pairs[lang], strict=True)
+        ens, trs, _ = zip(*pairs[lang], strict=True)
         ratio = sum(count(trs)) / sum(count(ens))  # target-language tokens per English token
         foreign = Corpus.from_documents(
             f"{lang}-mt",
-            sources.man_documents(lang, config.translated_man_pages) + _singletons(trs),
+            sources.man_documents(lang, config.translated_man_pages)
+            + [(catalog[en], [("", tr)]) for en, tr in zip(ens, trs, strict=True)],
             count,
         )
-        to_lang = _scaled(keep, ratio)
-        to_en = _scaled(keep, 1 / ratio)
         tasks["machine_translation"].append(
-            Task("machine_translation", translation_instruction("en", lang), english, to_lang, ratio, low)
+            Task("machine_translation", translation_instruction("en", lang), english, keep, ratio, low)
         )
         tasks["machine_translation"].append(
-            Task("machine_translation", translation_instruction(lang, "en"), foreign, to_en, 1 / ratio, low)
+            Task("machine_translation", translation_instruction(lang, "en"), foreign, keep, 1 / ratio, low)
         )
 
-    def grammar(text: str, rng: np.random.Generator) -> tuple[str, int] | None:
+    def grammar(text: str, rng: np.random.Generator) -> str | None:
         wrong, n = corrupt.inject_grammar_errors(text, rng)
-        return (wrong, count.one(text)) if n and wrong != text else None
+        return wrong if n and wrong != text else None
 
-    def rude(text: str, rng: np.random.Generator) -> tuple[str, int] | None:
-        return corrupt.make_rude(text, rng), count.one(text)
+    def rude(text: str, rng: np.random.Generator) -> str | None:
+        return corrupt.make_rude(text, rng)
 
-    def buggy(text: str, rng: np.random.Generator) -> tuple[str, int] | None:
+    def buggy(text: str, rng: np.random.Generator) -> str | None:
         result = corrupt.inject_bug(text, rng)
-        return (result[0], count.one(text)) if result else None
+        return result[0] if result else None
 
-    def uncommented(text: str, rng: np.random.Generator) -> tuple[str, int] | None:
+    def uncommented(text: str, rng: np.random.Generator) -> str | None:
         bare = corrupt.strip_comments(text)
-        if not bare or len(bare.splitlines()) < 2:
-            return None
-        return bare, max(count.one(text), math.ceil(1.2 * count.one(bare)))
+        return bare if bare and len(bare.splitlines()) >= 2 else None
 
+    # output ratios bound the inputs (Task.high); commented code is estimated at 1.4x the bare code
     for app, transform, ratio, corpus in (
         ("grammar_correction", grammar, 1.0, prose),
         ("detoxification", rude, 1.0, prose),
@@ -178,28 +194,20 @@ def build_tasks(config: BuildConfig, count: _Counter) -> dict[str, list[Task]]:
     for target in CODE_TARGETS:
         ratio, instruction = CODE_RATIOS[target], code_translation_instruction(target)
         tasks["code_translation"].append(
-            Task("code_translation", instruction, code, _scaled(keep, ratio), ratio, INPUT_MIN["code_translation"])
+            Task("code_translation", instruction, code, keep, ratio, INPUT_MIN["code_translation"])
         )
     return tasks
-
-
-def _scaled(transform: Transform, ratio: float) -> Transform:
-    def scaled(text: str, rng: np.random.Generator) -> tuple[str, int] | None:
-        result = transform(text, rng)
-        return (result[0], math.ceil(ratio * result[1])) if result else None
-
-    return scaled
 
 
 def make_request(task: Task, rid: str, rng: np.random.Generator, seen: set[str], tries: int = 20) -> Request:
     """One request of a task, its input drawn at a log-uniform target length and not in ``seen``."""
     for _ in range(tries):
         target = round(math.exp(rng.uniform(math.log(task.low), math.log(task.high))))
-        made = task.transform(task.corpus.sample(target, rng), rng)
-        if made is not None and made[0] not in seen:
-            text, expected = made
-            seen.add(text)
-            return Request(rid, task.app, task.instruction, text, max_tokens_for(expected))
+        text, source = task.corpus.draw(target, rng)
+        made = task.transform(text, rng)
+        if made is not None and made not in seen:
+            seen.add(made)
+            return Request(rid, task.app, task.instruction, made, max_tokens_for(task.app), source=source)
     raise RuntimeError(f"no usable input for {task.instruction!r} after {tries} tries")
 
 
@@ -213,26 +221,52 @@ class Workload:
     tasks: list[dict] = field(default_factory=list)  # instruction, output ratio and input bounds
 
 
+def split_by_source(
+    requests: Sequence[Request], fraction: float, rng: np.random.Generator, tries: int = 32
+) -> set[str]:
+    """Sources of the training side: whole source documents, stratified by application.
+
+    Sources are taken in random order; each joins the training side when that brings the training
+    requests of every application closer (in squared distance) to ``fraction`` of its requests.
+    Of ``tries`` random orders the closest split is kept.
+    """
+    apps = {app: k for k, app in enumerate(APPS)}
+    counts: dict[str, np.ndarray] = {}
+    for r in requests:
+        counts.setdefault(str(r.source), np.zeros(len(apps)))[apps[r.app]] += 1
+    names = sorted(counts)
+    per_source = np.array([counts[name] for name in names]).reshape(len(names), len(apps))
+    target = fraction * per_source.sum(axis=0)
+    best: tuple[float, set[str]] = (np.inf, set())
+    for _ in range(tries):
+        taken, chosen = np.zeros(len(apps)), set()
+        for i in rng.permutation(len(names)):
+            if np.sum((taken + per_source[i] - target) ** 2) < np.sum((taken - target) ** 2):
+                taken += per_source[i]
+                chosen.add(names[i])
+        error = float(np.sum((taken - target) ** 2))
+        if error < best[0]:
+            best = (error, chosen)
+    return best[1]
+
+
 def build_workload(config: BuildConfig) -> Workload:
-    """Requests of the six applications; the train/test split is stratified by application."""
+    """Requests of the six applications, split into train and test by source document."""
     rng = np.random.default_rng(config.seed)
     tasks = build_tasks(config, _Counter())
     per_app, extra = divmod(config.n, len(APPS))
     made: list[Request] = []
-    train_ids: set[str] = set()
     seen: set[str] = set()
     for k, (app, abbrev) in enumerate(APPS.items()):
         n_app = per_app + (k < extra)
         cycle = tasks[app]  # directions of an application take turns
-        of_app = [make_request(cycle[i % len(cycle)], f"{abbrev.lower()}-{i:04d}", rng, seen) for i in range(n_app)]
-        n_train = round(config.train_fraction * n_app)
-        train_ids.update(of_app[i].id for i in rng.permutation(n_app)[:n_train])
-        made += of_app
+        made += [make_request(cycle[i % len(cycle)], f"{abbrev.lower()}-{i:04d}", rng, seen) for i in range(n_app)]
+    train_sources = split_by_source(made, config.train_fraction, rng)
     everything = [made[i] for i in rng.permutation(len(made))]
     return Workload(
         everything,
-        [r for r in everything if r.id in train_ids],
-        [r for r in everything if r.id not in train_ids],
+        [r for r in everything if r.source in train_sources],
+        [r for r in everything if r.source not in train_sources],
         [
             {"app": t.app, "instruction": t.instruction, "output_ratio": round(t.output_ratio, 3),
              "input_low": t.low, "input_high": t.high}
@@ -243,7 +277,7 @@ def build_workload(config: BuildConfig) -> Workload:
 
 
 def workload_stats(requests: Sequence[Request]) -> dict[str, dict[str, float]]:
-    """Per application: requests, input tokens (min/median/max) and median max_tokens."""
+    """Per application: requests, source documents, input tokens (min/median/max), max_tokens."""
     tokens = np.asarray(count_tokens([r.input for r in requests]))
     apps = np.asarray([r.app for r in requests])
     limits = np.asarray([r.max_tokens for r in requests])
@@ -254,9 +288,12 @@ def workload_stats(requests: Sequence[Request]) -> dict[str, dict[str, float]]:
             t = tokens[mask]
             out[app] = {
                 "requests": int(mask.sum()),
+                "sources": len({requests[i].source for i in np.flatnonzero(mask)}),
                 "input_min": int(t.min()),
                 "input_median": float(np.median(t)),
                 "input_max": int(t.max()),
                 "max_tokens_median": float(np.median(limits[mask])),
+                "max_tokens_min": int(limits[mask].min()),
+                "max_tokens_max": int(limits[mask].max()),
             }
     return out

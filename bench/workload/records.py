@@ -3,9 +3,10 @@
 One JSON object per line::
 
     {"id": "mt-0007", "app": "machine_translation", "instruction": "Translate the following text
-     from German to English.", "input": "...", "max_tokens": 96}
+     from German to English.", "input": "...", "max_tokens": 256, "source": "man:man1/tar.1"}
 
-with an optional ``"arrival"`` (seconds from the start of a trace). The instruction is the
+with an optional ``"arrival"`` (seconds from the start of a trace) and ``"source"`` (the document
+the input was cut from, which the train/test split keeps on one side). The instruction is the
 application-level text (sent as the system message), the input the user-level text (the user
 message). ``bench.workload.builder`` makes these files from text and code shipped on the machine.
 """
@@ -64,13 +65,11 @@ class Request:
     input: str  # user-level text: the user message
     max_tokens: int  # the request's generation limit
     arrival: float | None = None  # seconds from the start of a trace, when the workload is a trace
+    source: str | None = None  # the source document of the input (man page, catalog, file), if known
 
     def to_dict(self) -> dict:
-        """The JSON object of this request (without ``arrival`` when it has none)."""
-        d = asdict(self)
-        if d["arrival"] is None:
-            del d["arrival"]
-        return d
+        """The JSON object of this request (without ``arrival`` or ``source`` when it has none)."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("arrival", "source")}
 
 
 def chat_messages(instruction: str, user_input: str) -> list[dict[str, str]]:

@@ -7,7 +7,10 @@
   ``/usr/share/common-licenses``;
 - functions and methods of the standard library's source files.
 
-Every listing is sorted, so the same machine always yields the same documents.
+Every listing is sorted, so the same machine always yields the same documents. Each document
+carries the name of its source (see ``corpus``): ``man:<section>/<page>`` (one name for a page
+and its translations), ``catalog:<domain>`` (one name for a catalog and its translations),
+``license:<file>`` and ``python:<path in the standard library>`` (its functions and docstrings).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.workload.corpus import Document
+from bench.workload.corpus import Document, Sourced
 
 MAN_ROOT = Path("/usr/share/man")
 LOCALE_ROOT = Path("/usr/share/locale")
@@ -133,13 +136,21 @@ def render_man(path: Path) -> list[str]:
     return [line.strip() for line in lines if line.startswith("       ") and is_prose(line.strip())]
 
 
-def man_documents(lang: str | None, limit: int) -> list[Document]:
+def man_source(path: Path) -> str:
+    """Source name of a man page, the same for every language: ``man:man1/ls.1``."""
+    return f"man:{path.parent.name}/{path.name.removesuffix('.gz')}"
+
+
+def man_documents(lang: str | None, limit: int) -> list[Sourced]:
     """Documents of up to ``limit`` man pages (evenly spaced in sorted order) in one language."""
     chosen = _evenly(man_pages(lang), limit)
     with ThreadPoolExecutor(max_workers=2) as pool:
         rendered = list(pool.map(render_man, chosen))
     code = lang or "en"
-    return [paragraphs_to_document([p for p in paras if in_language(p, code)]) for paras in rendered]
+    return [
+        (man_source(path), paragraphs_to_document([p for p in paras if in_language(p, code)]))
+        for path, paras in zip(chosen, rendered, strict=True)
+    ]
 
 
 # --- gettext catalogs --------------------------------------------------------------------------
@@ -153,12 +164,13 @@ def _clean_message(text: str) -> str | None:
     return text if sum(c.isalpha() for c in chars) / len(chars) >= 0.8 else None
 
 
-def catalog_pairs(lang: str, limit: int = 0) -> list[tuple[str, str]]:
-    """(English message, human translation) pairs of the machine's gettext catalogs for ``lang``.
+def catalog_pairs(lang: str, limit: int = 0) -> list[tuple[str, str, str]]:
+    """(English message, human translation, catalog domain) of the machine's gettext catalogs for
+    ``lang``; a message in several catalogs is taken from the first in sorted order.
 
     ``limit``: read only that many catalogs, evenly spaced in sorted order (0: all).
     """
-    pairs: dict[str, str] = {}
+    pairs: dict[str, tuple[str, str]] = {}
     catalogs = sorted((LOCALE_ROOT / LOCALE_DIRS[lang] / "LC_MESSAGES").glob("*.mo"))
     for path in _evenly([p for p in catalogs if not p.name.startswith(NAME_CATALOGS)], limit):
         try:
@@ -175,16 +187,26 @@ def catalog_pairs(lang: str, limit: int = 0) -> list[tuple[str, str]]:
                 continue
             # short Latin-script messages have too few function words to test; scripts are checked
             if lang not in ("ru", "zh") or in_language(tr, lang):
-                pairs.setdefault(en, tr)
-    return sorted(pairs.items())
+                pairs.setdefault(en, (tr, path.stem))
+    return [(en, tr, domain) for en, (tr, domain) in sorted(pairs.items())]
 
 
 # --- Python standard library -------------------------------------------------------------------
 
 
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def python_source(path: Path) -> str:
+    """Source name of a Python file: ``python:json/decoder.py`` (the path within the standard library)."""
+    root = _stdlib_root()
+    return f"python:{path.relative_to(root) if path.is_relative_to(root) else path}"
+
+
 def stdlib_files(limit: int = 0) -> list[Path]:
     """Python source files of the standard library, without its tests (evenly spaced if limited)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = _stdlib_root()
     files = sorted(
         p for p in root.rglob("*.py") if not _SKIP_PY_DIRS & set(p.relative_to(root).parts[:-1])
     )
@@ -207,31 +229,32 @@ def _functions(tree: ast.Module) -> Iterator[ast.FunctionDef | ast.AsyncFunction
             yield from (n for n in node.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))
 
 
-def python_documents(files: list[Path]) -> tuple[list[Document], list[Document]]:
-    """Functions and docstrings of the files.
+def python_documents(files: list[Path]) -> tuple[list[Sourced], list[Sourced]]:
+    """Functions and docstrings of the files, both named by their file.
 
     Functions: per file, the dedented source of its functions and methods in order (decorators
     included). Docstrings: prose paragraphs of each module, class and function docstring.
     """
-    functions: list[Document] = []
-    docstrings: list[Document] = []
+    functions: list[Sourced] = []
+    docstrings: list[Sourced] = []
     for path in files:
         parsed = _parse(path)
         if parsed is None:
             continue
         tree, lines = parsed
+        source = python_source(path)
         doc: Document = []
         for node in _functions(tree):
             start = min([node.lineno] + [d.lineno for d in node.decorator_list])
             code = textwrap.dedent("\n".join(lines[start - 1 : node.end_lineno]))
             if "\t" not in code and code.count("\n") >= 1:
                 doc.append(("\n\n\n", code))
-        functions.append(doc)
+        functions.append((source, doc))
         for node in ast.walk(tree):
             if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
                 text = ast.get_docstring(node)
                 if text:
-                    docstrings.append(paragraphs_to_document(_text_paragraphs(text)))
+                    docstrings.append((source, paragraphs_to_document(_text_paragraphs(text))))
     return functions, docstrings
 
 
@@ -248,7 +271,8 @@ def _text_paragraphs(text: str) -> list[str]:
     return out
 
 
-def license_documents() -> list[Document]:
+def license_documents() -> list[Sourced]:
     """Prose paragraphs of the license texts in /usr/share/common-licenses, one document per file."""
     files = sorted(p for p in LICENSES.iterdir() if p.is_file() and not p.is_symlink())
-    return [paragraphs_to_document(_text_paragraphs(p.read_text(errors="replace"))) for p in files]
+    return [(f"license:{p.name}", paragraphs_to_document(_text_paragraphs(p.read_text(errors="replace"))))
+            for p in files]
