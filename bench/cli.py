@@ -159,6 +159,8 @@ def add_compare(leaves: Subparsers) -> None:
     p.add_argument("--model", default="default", help="served model: 'default', a HF id or a local dir")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival times (the same for every policy)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape 1/B; 1 = Poisson")
+    p.add_argument("--slo", default="ttft:5 tpot:0.5 e2e:60",
+                   help="goodput objectives in seconds, as vllm bench serve's --goodput (default %(default)s)")
     p.add_argument("--server-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a `magnus serve` setting for every server, e.g. batch_size=8 (repeatable)")
     p.add_argument("--predictor-model", type=Path, help="trained length-predictor file for glp/abp/magnus")

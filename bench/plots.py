@@ -15,7 +15,13 @@ METRICS: dict[str, str] = {
     "request_throughput": "request throughput (req/s)",
     "mean_response_time": "mean response time (s)",
     "p95_response_time": "p95 response time (s)",
+    "p90_response_time": "p90 response time (s)",
     "p99_response_time": "p99 response time (s)",
+    "mean_short_half_response_time": "shorter half's mean response time (s)",
+    "mean_ttft": "mean time to first token (s)",
+    "mean_tpot": "mean time per output token (s)",
+    "mean_itl": "mean inter-token latency (s)",
+    "goodput": "goodput (req/s within the SLOs)",
     "valid_token_throughput": "valid-token throughput (tok/s)",
     "total_token_throughput": "total-token throughput (tok/s)",
 }

@@ -169,7 +169,7 @@ def test_poisson_arrivals_have_the_rate() -> None:
 
 def test_summary_statistics() -> None:
     s = summary_stats(list(range(1, 101)))
-    assert s == pytest.approx({"mean": 50.5, "p50": 50.5, "p95": 95.05, "p99": 99.01})
+    assert s == pytest.approx({"mean": 50.5, "p50": 50.5, "p90": 90.1, "p95": 95.05, "p99": 99.01})
     assert summary_stats([])["mean"] is None
     records = [
         RequestRecord("a", "mt", 10, send=100.0, first_token=100.5, end=101.0, completion_tokens=10),
@@ -236,3 +236,21 @@ def test_truth_from_request_log(tmp_path) -> None:
             {"id": "2", "app": "bug_fixing", "instruction": "Fix.", "input": "y = 2", "max_tokens": 50}]
     out = truth_from_log(rows, tmp_path / "log.db")
     assert [(r["id"], r["output_tokens"], r["input_tokens"]) for r in out] == [("1", 7, 4)]
+
+
+def test_vllm_style_metrics_tpot_itl_goodput_and_short_half() -> None:
+    from bench.loadgen.load import SLO
+
+    fast = RequestRecord("a", "x", 16, send=0.0, first_token=0.5, end=1.5, completion_tokens=11,
+                         chunk_times=[0.5, 0.6, 0.8, 1.5])
+    slow = RequestRecord("b", "x", 16, send=0.0, first_token=3.0, end=9.0, completion_tokens=4,
+                         chunk_times=[3.0, 9.0])
+    failed = RequestRecord("c", "x", 16, send=0.0, status="http_400")
+    assert fast.tpot == pytest.approx(0.1) and slow.tpot == pytest.approx(2.0) and failed.tpot is None
+    s = summarize([fast, slow, failed], slo=SLO.parse("ttft:1 tpot:0.5"))
+    assert s.tpot["mean"] == pytest.approx(1.05) and s.itl["p50"] == pytest.approx(0.45)  # gaps 0.1 0.2 0.7 6
+    assert s.itl["mean"] == pytest.approx((0.1 + 0.2 + 0.7 + 6.0) / 4)
+    assert s.goodput == pytest.approx(1 / 9.0)  # only "a" meets both objectives, over the 9 s run
+    assert s.short_half_response_time["mean"] == pytest.approx(9.0)  # the shorter half: "b" (4 tokens)
+    with pytest.raises(ValueError):
+        SLO.parse("latency:3")

@@ -67,7 +67,9 @@ class Run:
             "errors": sum(s.errors.values()), "request_throughput": s.request_throughput,
             "mean_response_time": rt["mean"], "p50_response_time": rt["p50"],
             "p95_response_time": rt["p95"], "p99_response_time": rt["p99"],
-            "mean_ttft": ttft["mean"], "p95_ttft": ttft["p95"],
+            "p90_response_time": rt.get("p90"), "mean_short_half_response_time": s.short_half_response_time.get("mean"),
+            "mean_ttft": ttft["mean"], "p95_ttft": ttft["p95"], "mean_tpot": s.tpot.get("mean"),
+            "mean_itl": s.itl.get("mean"), "goodput": s.goodput,
             "valid_token_throughput": s.valid_token_throughput,
             "total_token_throughput": s.total_token_throughput,
         }
@@ -128,15 +130,33 @@ class Plan:
     settings: dict[str, str]  # shared server settings
     startup_timeout: float
     progress: bool
+    slo: load.SLO = load.DEFAULT_SLO  # goodput's objectives
+
+
+#: What ``bench compare`` plots against the rate, one figure each.
+COMPARE_METRICS = ("request_throughput", "goodput", "mean_response_time", "p90_response_time", "p99_response_time",
+                   "mean_short_half_response_time", "mean_ttft", "mean_tpot", "mean_itl", "valid_token_throughput",
+                   "total_token_throughput")
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """``NAME[:KEY=VALUE]...`` (e.g. ``vs:batch_size=64``, ``magnus:batch_exit=literal``): a policy
+    with server settings of its own on top of the shared ones; the whole spec labels its runs."""
+    name, *items = spec.split(":")
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r} in {spec!r}; known: {', '.join(POLICY_ORDER)}")
+    return name, parse_settings(items)
 
 
 def run_policy(policy: str, plan: Plan, workdir: Path, predictor: Path | None) -> tuple[list[Run], dict]:
-    """Start a server for ``policy``, run every rate, stop it. Returns the runs and server facts."""
+    """Start a server for ``policy`` (a name or a ``parse_variant`` spec), run every rate, stop it.
+    Returns the runs and server facts."""
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    settings: dict[str, object] = {**plan.settings, "policy": policy}
-    if predictor is not None and policy in PREDICTIVE:
+    name, own = parse_variant(policy)
+    settings: dict[str, object] = {**plan.settings, **own, "policy": name}
+    if predictor is not None and name in PREDICTIVE:
         own = workdir / "predictor.joblib"
         shutil.copyfile(predictor, own)
         settings["predictor_model"] = own
@@ -168,7 +188,7 @@ def run_policy(policy: str, plan: Plan, workdir: Path, predictor: Path | None) -
     facts["records"] = {}
     for rate, (recs, wall) in records.items():
         total = _batch_tokens(server.db_path, recs)
-        summary = load.summarize(recs, total)
+        summary = load.summarize(recs, total, plan.slo)
         runs.append(Run(policy, rate, summary, wall, _error_examples(recs)))
         # the per-request records: what ``magnus simulate --replay`` re-runs in simulation
         path = workdir / f"records_{rate:g}.json"
@@ -205,16 +225,19 @@ def _f(x: float | None, digits: int = 2) -> str:
 def comparison_table(runs: Sequence[Run]) -> str:
     """Markdown: one row per (rate, policy), rates ascending, policies in run order."""
     order = {p: i for i, p in enumerate(dict.fromkeys(r.policy for r in runs))}
-    head = ("| rate (req/s) | policy | answered / sent | errors | throughput (req/s) | mean RT (s) | p50 RT "
-            "| p95 RT | p99 RT | mean TTFT (s) | p95 TTFT | valid tok/s | total tok/s |")
-    lines = [head, "| ---: | --- |" + " ---: |" * 11]
+    head = ("| rate (req/s) | policy | answered / sent | errors | throughput (req/s) | goodput (req/s) "
+            "| mean E2E (s) | p50 E2E | p90 E2E | p99 E2E | shorter half mean E2E | mean TTFT (s) | p90 TTFT "
+            "| mean TPOT (s) | mean ITL (s) | output tok/s | total tok/s |")
+    lines = [head, "| ---: | --- |" + " ---: |" * 15]
     for r in sorted(runs, key=lambda r: (r.rate, order[r.policy])):
         s, rt, ttft = r.summary, r.summary.response_time, r.summary.ttft
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(s.errors.items())) or "0"
         lines.append(
             f"| {r.rate:g} | {r.policy} | {s.completed} / {s.sent} | {errors} | {_f(s.request_throughput, 3)} "
-            f"| {_f(rt['mean'])} | {_f(rt['p50'])} | {_f(rt['p95'])} | {_f(rt['p99'])} | {_f(ttft['mean'])} "
-            f"| {_f(ttft['p95'])} | {_f(s.valid_token_throughput, 1)} | {_f(s.total_token_throughput, 1)} |"
+            f"| {_f(s.goodput, 3)} | {_f(rt['mean'])} | {_f(rt['p50'])} | {_f(rt.get('p90'))} | {_f(rt['p99'])} "
+            f"| {_f(s.short_half_response_time.get('mean'))} | {_f(ttft['mean'])} | {_f(ttft.get('p90'))} "
+            f"| {_f(s.tpot.get('mean'), 3)} | {_f(s.itl.get('mean'), 3)} | {_f(s.valid_token_throughput, 1)} "
+            f"| {_f(s.total_token_throughput, 1)} |"
         )
     return "\n".join(lines)
 
@@ -299,7 +322,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from bench.plots import plot_metrics
 
     policies = [x.strip().lower() for x in args.policies.split(",") if x.strip()]
-    unknown = [x for x in policies if x not in POLICIES]
+    unknown = []
+    for spec in policies:
+        try:
+            parse_variant(spec)
+        except ValueError:
+            unknown.append(spec)
     if unknown or not policies or not args.rates or any(r <= 0 for r in args.rates):
         print(f"compare: bad --policies {unknown or policies} or --rates {args.rates}; "
               f"known policies: {', '.join(POLICY_ORDER)}", file=sys.stderr)
@@ -323,7 +351,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         arrivals={r: load.arrival_times(n, r, args.burstiness, np.random.default_rng(args.seed)).tolist()
                   for r in rates},
         duration=args.duration, grace=args.grace, timeout=args.timeout, warmup=args.warmup, settings=settings,
-        startup_timeout=args.startup_timeout, progress=not args.no_progress,
+        startup_timeout=args.startup_timeout, progress=not args.no_progress, slo=load.SLO.parse(args.slo),
     )
     predictor, predictor_note = args.predictor_model, "none (cold-start fallback)"
     if predictor is not None:
@@ -331,14 +359,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"compare: no predictor model file {predictor}", file=sys.stderr)
             return 2
         predictor_note = f"`{predictor}`"
-    elif args.warmup_train is not None and PREDICTIVE.intersection(policies):
+    names = {parse_variant(p)[0] for p in policies}
+    if args.warmup_train is not None and predictor is None and PREDICTIVE.intersection(names):
         try:
             predictor = train_predictor(args.warmup_train, work / "predictor.joblib")
         except subprocess.CalledProcessError as exc:
             print(f"compare: training the predictor failed ({exc})", file=sys.stderr)
             return 1
         predictor_note = f"trained on `{args.warmup_train}` (magnus predictor train --from-jsonl)"
-    elif PREDICTIVE.intersection(policies):
+    elif predictor is None and PREDICTIVE.intersection(names):
         print("compare: no --predictor-model or --warmup-train: predictive policies start untrained",
               file=sys.stderr)
 
@@ -356,11 +385,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table = comparison_table(runs)
     print(table)
     title = f"{Path(args.model).name}, {n} requests/run, {os.cpu_count()} CPUs"
-    plots = plot_metrics([r.row() for r in runs], args.out_dir, args.name, title=title) if runs else []
+    plots = plot_metrics([r.row() for r in runs], args.out_dir, args.name, metrics=COMPARE_METRICS,
+                         title=title) if runs else []
     config = {
         "command": command_line(args), "policies": policies, "rates": rates, "workload": str(args.workload),
         "n": n, "duration": args.duration, "grace": args.grace, "timeout": args.timeout, "model": args.model,
         "seed": args.seed, "burstiness": args.burstiness, "settings": settings, "predictor": predictor_note,
+        "slo": args.slo,
         "work_dir": str(work),
     }
     doc = {

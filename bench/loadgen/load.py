@@ -50,10 +50,19 @@ class RequestRecord:
     status: str = "ok"  # "ok", "http_<code>", "timeout", "connection" or an exception name
     error: str | None = None
     response_id: str | None = None  # the completion's id (the server's request-log id)
+    chunk_times: list[float] | None = None  # arrival of every chunk with text (for the inter-token latency)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first, as ``vllm bench serve``: (end - first) / (n - 1)."""
+        n = self.completion_tokens or 0
+        if not self.ok or self.first_token is None or self.end is None or n < 2:
+            return None
+        return (self.end - self.first_token) / (n - 1)
 
 
 async def send_request(client: openai.AsyncOpenAI, model: str, req: Request) -> RequestRecord:
@@ -68,12 +77,15 @@ async def send_request(client: openai.AsyncOpenAI, model: str, req: Request) -> 
             stream=True,
             stream_options={"include_usage": True},
         )
+        rec.chunk_times = []
         async for chunk in stream:
             rec.response_id = rec.response_id or chunk.id
             if chunk.choices:
                 choice = chunk.choices[0]
-                if rec.first_token is None and choice.delta.content:
-                    rec.first_token = time.time()
+                if choice.delta.content:
+                    now = time.time()
+                    rec.first_token = rec.first_token or now
+                    rec.chunk_times.append(now)
                 rec.finish_reason = choice.finish_reason or rec.finish_reason
             if chunk.usage is not None:
                 rec.completion_tokens = chunk.usage.completion_tokens
@@ -136,12 +148,40 @@ async def run_load(
 
 
 def summary_stats(values: Sequence[float]) -> dict[str, float | None]:
-    """Mean, median, 95th and 99th percentiles (None for an empty list)."""
+    """Mean, median, 90th, 95th and 99th percentiles (None for an empty list)."""
     if len(values) == 0:
-        return {"mean": None, "p50": None, "p95": None, "p99": None}
+        return {"mean": None, "p50": None, "p90": None, "p95": None, "p99": None}
     a = np.asarray(values, dtype=float)
-    p50, p95, p99 = np.percentile(a, [50, 95, 99])
-    return {"mean": float(a.mean()), "p50": float(p50), "p95": float(p95), "p99": float(p99)}
+    p50, p90, p95, p99 = np.percentile(a, [50, 90, 95, 99])
+    return {"mean": float(a.mean()), "p50": float(p50), "p90": float(p90), "p95": float(p95), "p99": float(p99)}
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Service-level objectives for goodput (seconds; None: not required), as ``vllm bench serve --goodput``."""
+
+    ttft: float | None = None
+    tpot: float | None = None
+    e2e: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SLO:
+        """``"ttft:2 tpot:0.1 e2e:30"`` (seconds; any subset)."""
+        values: dict[str, float] = {}
+        for part in text.replace(",", " ").split():
+            key, _, value = part.partition(":")
+            if key not in ("ttft", "tpot", "e2e") or not value:
+                raise ValueError(f"bad SLO {part!r}: use ttft:SECONDS, tpot:SECONDS, e2e:SECONDS")
+            values[key] = float(value)
+        return cls(**values)
+
+    def met(self, r: RequestRecord) -> bool:
+        checks = ((self.ttft, None if r.first_token is None else r.first_token - r.send), (self.tpot, r.tpot),
+                  (self.e2e, None if r.end is None else r.end - r.send))
+        return r.ok and all(limit is None or (v is not None and v <= limit) for limit, v in checks)
+
+
+DEFAULT_SLO = SLO(ttft=5.0, tpot=0.5, e2e=60.0)  # an interactive CPU deployment of a small model
 
 
 def batch_tokens(db: str, start: float, end: float) -> int:
@@ -166,6 +206,12 @@ class Summary:
     ttft: dict[str, float | None]
     valid_tokens: int
     valid_token_throughput: float
+    output_token_throughput: float = 0.0  # = valid_token_throughput, under vLLM's name
+    tpot: dict[str, float | None] = field(default_factory=dict)  # time per output token after the first
+    itl: dict[str, float | None] = field(default_factory=dict)  # inter-token (chunk) latency
+    short_half_response_time: dict[str, float | None] = field(default_factory=dict)  # the shorter half by output
+    goodput: float = 0.0  # requests per second that met ``slo``
+    slo: dict[str, float | None] = field(default_factory=dict)
     total_tokens: int | None = None  # from the server's batch log, when given
     total_token_throughput: float | None = None
     window: tuple[float, float] = field(default=(0.0, 0.0))  # wall-clock start and end
@@ -177,8 +223,9 @@ def run_window(records: Sequence[RequestRecord]) -> tuple[float, float]:
     return start, max([r.end for r in records if r.end is not None] + [start])
 
 
-def summarize(records: Sequence[RequestRecord], total_tokens: int | None = None) -> Summary:
-    """Throughputs, response-time and time-to-first-token statistics of a run.
+def summarize(records: Sequence[RequestRecord], total_tokens: int | None = None, slo: SLO = DEFAULT_SLO) -> Summary:
+    """Throughputs and latency statistics of a run, in ``vllm bench serve``'s terms (TTFT, TPOT,
+    ITL, end-to-end latency, goodput under ``slo``), plus the shorter half's response time.
 
     ``total_tokens``: tokens the server computed in the run window (see ``batch_tokens``).
     """
@@ -190,6 +237,9 @@ def summarize(records: Sequence[RequestRecord], total_tokens: int | None = None)
         return x / duration if duration > 0 else 0.0
 
     valid = sum(r.completion_tokens or 0 for r in done)
+    by_length = sorted(done, key=lambda r: r.completion_tokens or 0)
+    short = by_length[: len(by_length) // 2]
+    itl = [b - a for r in done if r.chunk_times for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
     return Summary(
         sent=len(records),
         completed=len(done),
@@ -200,6 +250,12 @@ def summarize(records: Sequence[RequestRecord], total_tokens: int | None = None)
         ttft=summary_stats([r.first_token - r.send for r in done if r.first_token is not None]),
         valid_tokens=valid,
         valid_token_throughput=rate(valid),
+        output_token_throughput=rate(valid),
+        tpot=summary_stats([t for r in done if (t := r.tpot) is not None]),
+        itl=summary_stats(itl),
+        short_half_response_time=summary_stats([r.end - r.send for r in short if r.end is not None]),
+        goodput=rate(sum(slo.met(r) for r in done)),
+        slo=asdict(slo),
         total_tokens=total_tokens,
         total_token_throughput=None if total_tokens is None else rate(total_tokens),
         window=(start, end),
@@ -219,8 +275,13 @@ def summary_table(s: Summary) -> str:
         ("duration", f(s.duration)),
         ("request throughput", f(s.request_throughput, " req/s")),
         ("response time mean / p50", f"{f(rt['mean'])} / {f(rt['p50'])}"),
-        ("response time p95 / p99", f"{f(rt['p95'])} / {f(rt['p99'])}"),
+        ("response time p90 / p95 / p99", f"{f(rt.get('p90'))} / {f(rt['p95'])} / {f(rt['p99'])}"),
+        ("shorter half's response time mean", f(s.short_half_response_time.get("mean"))),
         ("TTFT mean / p95", f"{f(ttft['mean'])} / {f(ttft['p95'])}"),
+        ("TPOT mean / p95", f"{f(s.tpot.get('mean'))} / {f(s.tpot.get('p95'))}"),
+        ("ITL mean / p95", f"{f(s.itl.get('mean'))} / {f(s.itl.get('p95'))}"),
+        ("goodput " + " ".join(f"{k}<={v:g}s" for k, v in s.slo.items() if v is not None),
+         f(s.goodput, " req/s")),
         ("valid-token throughput", f(s.valid_token_throughput, " tok/s")),
         ("total-token throughput", f(s.total_token_throughput, " tok/s")),
     ]
