@@ -20,7 +20,7 @@ prompt lengths served here.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -250,12 +250,26 @@ class CostModel:
 
 
 def _design_row(
-    model: ModelProfile, size: int, max_prompt: int, max_gen: int, prefill_compute: bool
+    model: ModelProfile, size: int, max_prompt: int, gen: int | Sequence[int], prefill_compute: bool
 ) -> list[float]:
-    """Coefficients of ``[1/F, 1/BW, s, c]`` in the batch time (linear once the prefill branch is fixed)."""
-    n = max(max_gen - 1, 0)
-    flops = 2 * model.params * size * n
-    mem = n * model.weight_traffic_bytes + size * (n * max_prompt + n * (n + 1) / 2) * model.delta
+    """Coefficients of ``[1/F, 1/BW, s, c]`` in the batch time (linear once the prefill branch is
+    fixed). ``gen``: G(B), every row decoding until it (a literal static batch), or each row's own
+    length (early exit: step ``j`` runs the rows with ``G > j``)."""
+    segments: list[tuple[int, int, int]] = []  # (live rows, first step, last step)
+    if isinstance(gen, int):
+        segments.append((size, 0, max(gen - 1, 0)))
+    else:
+        done, live = 0, len(gen)
+        for g in sorted(set(gen)):
+            segments.append((live, done, max(g - 1, done)))
+            done, live = max(g - 1, done), live - list(gen).count(g)
+    flops = mem = 0.0
+    n = 0
+    for rows, a, b in segments:
+        k = b - a
+        n += k
+        flops += 2 * model.params * rows * k
+        mem += k * model.weight_traffic_bytes + rows * (k * max_prompt + (a + 1 + b) * k / 2) * model.delta
     if prefill_compute:
         flops += 2 * model.params * size * max_prompt
     else:
@@ -265,20 +279,21 @@ def _design_row(
 
 def fit_hardware(
     model: ModelProfile,
-    samples: Iterable[tuple[int, int, int, float]],
+    samples: Iterable[tuple[int, int, int | Sequence[int], float]],
     base: HardwareProfile,
     fit_step_overhead: bool = True,
     fit_batch_overhead: bool = True,
     iters: int = 20,
 ) -> HardwareProfile:
     """Fit the effective FLOP/s and bandwidth (and, optionally, the per-step and per-batch overheads)
-    of ``base`` to observed ``(size, L(B), G(B), seconds)`` tuples by non-negative least squares,
+    of ``base`` to observed ``(size, L(B), G(B), seconds)`` tuples (``G(B)`` may be each row's length,
+    for batches whose rows left as they ended) by non-negative least squares,
     minimising relative error. Returns ``base`` with ``mfu``, ``mbu`` and overheads replaced
     (``mfu``/``mbu`` stay relative to ``base``'s peak figures and may exceed 1 when those are
     nominal)."""
     from scipy.optimize import nnls
 
-    data = [(int(b), int(L), int(G), float(t)) for b, L, G, t in samples]
+    data = [(int(b), int(L), G if isinstance(G, int) else tuple(int(g) for g in G), float(t)) for b, L, G, t in samples]
     if len(data) < 2:
         raise ValueError("need at least two samples")
     cols = [0, 1] + ([2] if fit_step_overhead else []) + ([3] if fit_batch_overhead else [])

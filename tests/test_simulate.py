@@ -32,6 +32,7 @@ from scheduler.memory import MemoryModel
 from scheduler.predictive import ABPPolicy, MagnusPolicy
 from scheduler.request import FailureCode, Request, RequestStatus
 from scheduler.vs import VanillaPolicy
+from service.requestlog import SCHEMA
 
 V100 = HARDWARE["V100-32GB"]
 SETUP = CostSetup(CHATGLM_6B, V100, V100, "test")
@@ -229,16 +230,25 @@ def test_fit_log_recovers_the_cost_model(tmp_path: Path) -> None:
     truth = CostModel(model, replace(HARDWARE["cpu-local"], mfu=0.2, mbu=0.4, step_overhead_s=0.02))
     db = tmp_path / "log.sqlite"
     with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE batches (id INTEGER PRIMARY KEY, size INTEGER, max_prompt INTEGER, max_gen "
-                     "INTEGER, prefill_s REAL, decode_s REAL, start REAL, end REAL, oom INTEGER)")
+        conn.executescript(SCHEMA)  # the server's own request log
         rng = random.Random(0)
-        for _ in range(40):
-            b, L, G = rng.randint(1, 8), rng.randint(10, 300), rng.randint(2, 200)
-            t = truth.batch_time(b, L, G)
-            conn.execute("INSERT INTO batches (size, max_prompt, max_gen, prefill_s, decode_s, start, end, oom) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, 0)", (b, L, G, 0.0, t, 1000.0, 1000.0 + t))
+        shrinking = 0
+        for i in range(40):
+            b, L = rng.randint(1, 8), rng.randint(10, 300)
+            gens = [rng.randint(2, 200) for _ in range(b)]
+            early = i % 2 == 0  # half the batches let their rows go as they end
+            t = max(truth.row_end_times(L, gens)) if early else truth.batch_time(b, L, max(gens))
+            total = sum(gens) if early else b * max(gens)
+            shrinking += early and sum(gens) < b * max(gens)
+            conn.execute("INSERT INTO batches (id, size, max_prompt, max_gen, prefill_s, decode_s, start, end, oom, "
+                         "total_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                         (i + 1, b, L, max(gens), 0.0, t, 1000.0, 1000.0 + t, total))
+            for j, g in enumerate(gens):
+                conn.execute("INSERT INTO requests (id, status, completion_tokens, batch_id) VALUES (?, 'ok', ?, ?)",
+                             (f"r{i}-{j}", g, i + 1))
         conn.execute("INSERT INTO batches (size, max_prompt, max_gen, prefill_s, decode_s, start, end, oom) "
                      "VALUES (4, 10, 10, 0, 0, 0, 99, 1)")  # an OOM batch is not a timing sample
+    assert sum(not isinstance(g, int) for _, _, g, _ in read_batch_log(db)) == shrinking > 10
     assert len(read_batch_log(db)) == 40
     setup = cost_setup("cpu-local", model, db)
     fitted = setup.cost("vs")

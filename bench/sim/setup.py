@@ -47,20 +47,28 @@ def load_model_profile(name_or_path: str, dtype: str = "float16") -> ModelProfil
 
 def read_batch_log(
     db: str | Path, window: tuple[float, float] | None = None
-) -> list[tuple[int, int, int, float]]:
-    """``(size, L(B), true G(B), seconds)`` of the finished (not OOM) batches in a server log;
-    with ``window`` (wall-clock seconds), only the batches that started within it."""
+) -> list[tuple[int, int, int | tuple[int, ...], float]]:
+    """``(size, L(B), G(B), seconds)`` of the finished (not OOM) batches in a server log; with
+    ``window`` (wall-clock seconds), only the batches that started within it. For a batch whose
+    rows left as they ended (early exit: its row-steps ``total_tokens`` equal the sum of its
+    requests' lengths), ``G(B)`` is the tuple of those lengths, as ``fit_hardware`` takes it."""
     lo, hi = window if window is not None else (-math.inf, math.inf)
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         rows = conn.execute(
-            "SELECT size, max_prompt, max_gen, prefill_s, decode_s, start, end FROM batches "
+            "SELECT id, size, max_prompt, max_gen, prefill_s, decode_s, start, end, total_tokens FROM batches "
             "WHERE COALESCE(oom, 0) = 0 AND size > 0 AND max_gen > 0 AND start >= ? AND start <= ?", (lo, hi)
         ).fetchall()
-    out = []
-    for size, L, G, pre, dec, start, end in rows:
+        gens: dict[int, list[int]] = {}
+        for batch_id, n in conn.execute("SELECT batch_id, completion_tokens FROM requests WHERE status = 'ok'"):
+            gens.setdefault(batch_id, []).append(int(n))
+    out: list[tuple[int, int, int | tuple[int, ...], float]] = []
+    for bid, size, L, G, pre, dec, start, end, total in rows:
         secs = end - start if start is not None and end is not None and end > start else (pre or 0) + (dec or 0)
-        if secs > 0:
-            out.append((int(size), int(L), int(G), float(secs)))
+        if secs <= 0:
+            continue
+        mine = gens.get(bid, [])
+        shrinking = len(mine) == size and total is not None and total == sum(mine) < size * G
+        out.append((int(size), int(L), tuple(mine) if shrinking else int(G), float(secs)))
     return out
 
 
