@@ -70,6 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("--runaway-threshold", type=float, default=0.5,
                    help="flag a runaway when P(length >= max_tokens) from the trees is at least this")
     e.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    e.add_argument("--predictions", metavar="OUT.jsonl",
+                   help="also write FILE's rows with the forest's predicted_tokens and predicted_high (what "
+                        "`magnus simulate --prediction file` replays: the real predictor's errors, not an oracle)")
     e.set_defaults(func=cmd_eval)
 
     i = leaves.add_parser("info", help="print a model file's metadata")
@@ -162,6 +165,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = yardstick(b_apps, b_x, b_y, rows, point, high, quantile, score, args.runaway_threshold,
                        "P(length >= max_tokens), the share of trees predicting at least max_tokens")
     print(report.markdown())
+    if args.predictions:
+        with open(args.file, encoding="utf-8") as f:
+            raw = [json.loads(line) for line in f if line.strip()]
+        with open(args.predictions, "w", encoding="utf-8") as f:
+            for rec, p, h in zip(raw, point, high, strict=True):
+                f.write(json.dumps({**rec, "predicted_tokens": int(p), "predicted_high": int(h)}) + "\n")
     if args.json:
         payload: dict[str, Any] = {
             "model": args.model, "eval_file": args.file,
