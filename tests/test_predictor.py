@@ -315,8 +315,13 @@ def test_cli_train_eval_info(tmp_path: Path, capsys: pytest.CaptureFixture[str])
                      "--n-estimators", "25", "--holdout", "0.2", "--threads", "1"]) == 0
     capsys.readouterr()
     out_json = tmp_path / "eval.json"
+    predicted = tmp_path / "predicted.jsonl"
     assert cli_main(["predictor", "eval", str(test), "--model", str(model), "--json", str(out_json),
-                     "--threads", "1"]) == 0
+                     "--threads", "1", "--predictions", str(predicted)]) == 0
+    rows = [json.loads(line) for line in predicted.read_text().splitlines()]
+    source = [json.loads(line) for line in test.read_text().splitlines() if line.strip()]
+    assert len(rows) == len(source) and all(r["predicted_high"] >= r["predicted_tokens"] >= 1 for r in rows)
+    assert [r["output_tokens"] for r in rows] == [r["output_tokens"] for r in source]  # the rows, kept whole
     printed = capsys.readouterr().out
     assert printed.startswith("**Best cheap baseline: ")
     assert "| application | method |" in printed and "| overall | predictor |" in printed
