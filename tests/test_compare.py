@@ -13,15 +13,13 @@ from PIL import Image
 
 from bench import cli
 from bench.loadgen.client import make_client
-from bench.loadgen.compare import parse_settings
+from bench.loadgen.compare import COMPARE_METRICS, parse_settings
 from bench.loadgen.load import run_load
 from bench.plots import plot_metrics
 from bench.sim.cli import main as simulate
 from bench.workload.records import Request, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("request_throughput", "mean_response_time", "p95_response_time", "valid_token_throughput",
-           "total_token_throughput")
 
 
 def assert_png(path: Path) -> None:
@@ -73,7 +71,7 @@ def test_compare_tiny_model(tiny_model_dir: str, tmp_path: Path) -> None:
 
     md = (out / "compare_t.md").read_text()
     assert "magnus bench compare --policies vs,magnus" in md and "| 4 | magnus | 4 / 4 |" in md
-    for metric in METRICS:
+    for metric in COMPARE_METRICS:
         assert_png(out / f"compare_t_{metric}.png")
 
     # the predictive server ran on its own copy of the trained predictor, and used it
