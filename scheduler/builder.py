@@ -28,6 +28,8 @@ class PolicySettings:
     phi: float | None = None  # WMA threshold
     max_batch_size: int | None = None  # ABP/Magnus cap; CCB's most running requests per worker
     estimator_interval_s: float = 120.0  # the estimator's continual-learning period
+    reserve: str | None = None  # PCB: high | point | max
+    swap_factor: float | None = None  # PCB: order-swap preemption threshold
 
 
 @dataclass
@@ -79,5 +81,6 @@ def build_scheduler(
     policy = make_policy(
         settings.name, batch_size=settings.batch_size, max_wait=settings.max_wait, min_wait=settings.min_wait,
         phi=settings.phi, max_batch_size=settings.max_batch_size, memory=memory, estimator=estimator,
+        reserve=settings.reserve, swap_factor=settings.swap_factor,
     )
     return Scheduler(policy, memory, cost, estimator)

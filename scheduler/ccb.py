@@ -77,6 +77,7 @@ class CCBPolicy(Policy):
 
     name = "ccb"
     continuous = True
+    runner = "transformers"
 
     def __init__(self, memory: MemoryModel | None = None, max_batch_size: int = 256) -> None:
         """``max_batch_size``: the most requests running at once on a worker."""

@@ -8,7 +8,7 @@ scheduling core (``scheduler.core``) consumes them.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scheduler.request import Request, SamplingParams
 
@@ -21,10 +21,11 @@ class WorkItem:
     prompt_ids: list[int]  # prompt token ids of the served model
     max_tokens: int  # the row ends after this many generated tokens
     sampling: SamplingParams  # temperature, top_p, seed and stop strings
+    resume_ids: list[int] = field(default_factory=list)  # tokens generated before a preemption (continued, not redone)
 
     @classmethod
     def of(cls, req: Request) -> WorkItem:
-        return cls(req.id, req.prompt_ids, req.max_tokens, req.sampling)
+        return cls(req.id, req.prompt_ids, req.max_tokens, req.sampling, list(req.resume_ids))
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TokenEvent:
     request_id: str  # which request the text belongs to
     text: str  # the new characters (a possible stop-string prefix is held back until resolved)
     time: float  # when it was produced: wall clock (time.time()) of the worker
+    offset: int = 0  # where ``text`` starts in the request's whole text (a resumed row continues, a retry restarts)
 
 
 @dataclass
@@ -71,6 +73,25 @@ class BatchStats:
     oom: bool = False  # the batch ran out of memory
     start_time: float = 0.0  # wall clock on the worker
     end_time: float = 0.0  # wall clock on the worker
+
+
+@dataclass
+class RowProgress:
+    """A continuous worker's periodic report on a running row (re-prediction while decoding)."""
+
+    request_id: str
+    generated: int  # tokens generated so far (resumed ones included)
+    looping: bool  # the repetition-loop detector fired: the row will likely run to max_tokens
+
+
+@dataclass
+class Preempted:
+    """A row a continuous worker dropped on the scheduler's order (or on running out of memory):
+    its request waits again and later continues from ``generated_ids``."""
+
+    request_id: str
+    generated_ids: list[int]  # every token generated so far
+    oom: bool = False  # dropped because the worker ran out of memory, not on order
 
 
 class Outcome(enum.Enum):

@@ -9,7 +9,11 @@ A driver (the server's engine, the simulator) owns the workers and calls, in any
   (early exit), ``update_from_output(worker, output, now)`` for each ``BatchOutput`` a worker
   sends back, and ``worker_died(worker, now)`` when a worker is lost; each returns an ``Update``
   naming the requests that finished (completed or failed) and the ones put back to wait;
-* ``next_wakeup(now)``: when to call ``schedule`` again if nothing else happens.
+* ``next_wakeup(now)``: when to call ``schedule`` again if nothing else happens;
+* continuous workers only: ``update_progress(worker, progress, now)`` with a worker's periodic
+  report on its rows (returns the requests the policy wants preempted: the driver tells the worker)
+  and ``update_preempted(worker, rows, now)`` when the worker dropped them (they wait again and
+  later continue from the tokens they had).
 
 A static worker runs one batch at a time; a continuous worker is offered work whenever the policy
 has some (it admits requests between decode steps, and reports each as a batch of one).
@@ -21,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from scheduler.batch import Batch, BatchOutcome
-from scheduler.contract import BatchOutput, Outcome, RowOutput, WorkBatch, WorkItem
+from scheduler.contract import BatchOutput, Outcome, Preempted, RowOutput, RowProgress, WorkBatch, WorkItem
 from scheduler.policy import Policy
 from scheduler.request import Failure, FailureCode, Request, RequestStatus
 
@@ -205,6 +209,43 @@ class SchedulerCore:
             self._complete(row, now, up)
         return up
 
+    def update_progress(self, worker: int, progress: Sequence[RowProgress], now: float) -> list[Request]:
+        """A continuous worker's report on its running rows: the policy re-estimates them and may
+        name requests to preempt (returned; the driver asks the worker to drop them)."""
+        reqs = []
+        for p in progress:
+            r = self._requests.get(p.request_id)
+            if r is not None and r.status == RequestStatus.RUNNING and r.worker == worker:
+                r.generated, r.looping = p.generated, r.looping or p.looping
+                reqs.append(r)
+        if not reqs:
+            return []
+        return [r for r in self.policy.on_progress(worker, reqs, now) if r.status == RequestStatus.RUNNING]
+
+    def update_preempted(self, worker: int, rows: Sequence[Preempted], now: float) -> Update:
+        """Rows a continuous worker dropped: their requests wait again (arrival kept) and resume
+        from the tokens they had generated."""
+        up = Update()
+        running = self._workers[worker].running
+        for p in rows:
+            r = self._requests.get(p.request_id)
+            d = None
+            for bid, disp in list(running.items()):
+                if any(x.id == p.request_id for x in disp.batch.requests):
+                    d = running.pop(bid)
+                    break
+            if d is None or r is None or r.status != RequestStatus.RUNNING:
+                if d is not None:
+                    self.policy.on_batch_failed(d.batch, now)  # frees what it held; the request is gone
+                continue
+            r.status = RequestStatus.WAITING
+            r.resume_ids = list(p.generated_ids)
+            r.generated = len(p.generated_ids)
+            r.preemptions += 1
+            up.requeued.append(r)
+            self.policy.on_preempted(r, worker, p.oom, now)
+        return up
+
     def worker_died(self, worker: int, now: float) -> Update:
         """A worker is gone: each of its batches goes back to the queue once (waiting time kept);
         a batch whose worker dies again fails. The worker is not ready until ``set_ready``."""
@@ -219,6 +260,7 @@ class SchedulerCore:
                 batch.requests = live
                 for r in live:
                     r.status = RequestStatus.WAITING
+                    r.generated = len(r.resume_ids)  # what it made since its last resume went with the worker
                 up.requeued.extend(live)
                 self.policy.requeue(batch, now)
             else:

@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 from scheduler.ccb import CCBPolicy
+from scheduler.pcb import PredictiveContinuousPolicy
 from scheduler.policy import Policy
 from scheduler.predictive import ABPPolicy, GLPPolicy, MagnusPolicy
 from scheduler.vs import VanillaPolicy, VSQPolicy
@@ -17,6 +18,7 @@ POLICIES: dict[str, type[Policy]] = {
     "abp": ABPPolicy,
     "magnus": MagnusPolicy,
     "ccb": CCBPolicy,
+    "pcb": PredictiveContinuousPolicy,
 }
 
 
@@ -43,7 +45,7 @@ def policy_class(name: str) -> type[Policy]:
 
 
 def make_policy(name: str, *, strict: bool = False, **params: Any) -> Policy:
-    """A policy by name: ``vs``, ``vsq``, ``glp``, ``abp``, ``magnus`` or ``ccb``.
+    """A policy by name: ``vs``, ``vsq``, ``glp``, ``abp``, ``magnus``, ``ccb`` or ``pcb``.
 
     ``params`` go to the policy's constructor. One settings dict can serve every policy: a known
     parameter that the chosen policy does not take (e.g. ``batch_size`` for ``magnus``) is

@@ -23,6 +23,9 @@ class Policy(ABC):
     needs_prediction: bool = False
     #: the policy's workers are iteration-level (requests join and leave between decode steps)
     continuous: bool = False
+    #: the worker mode it runs on: "static" batches, transformers' continuous batching
+    #: ("transformers"), or magnus' own iteration-level runner ("iteration")
+    runner: str = "static"
     #: the policy serves a model with weights quantized to this many bits (None: as loaded)
     quantize_bits: int | None = None
     #: the policy takes a batch-time estimator (``estimator=`` in its constructor)
@@ -57,6 +60,16 @@ class Policy(ABC):
     def on_batch_failed(self, batch: Batch, now: float) -> None:
         """A batch failed for a reason other than memory; its requests are failed by the caller."""
         return None
+
+    def on_progress(self, worker: int, running: list[Request], now: float) -> list[Request]:
+        """Continuous workers: ``running`` requests' ``generated``/``looping`` were just updated.
+        Return the requests to preempt (default: none)."""
+        return []
+
+    def on_preempted(self, req: Request, worker: int, oom: bool, now: float) -> None:
+        """A continuous worker dropped a running request (on order, or ``oom``): it waits again
+        and keeps its arrival time. Default: requeue it alone."""
+        self.requeue(Batch(requests=[req], created=now), now)
 
     @abstractmethod
     def requeue(self, batch: Batch, now: float) -> None:

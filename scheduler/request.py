@@ -78,6 +78,11 @@ class Request:
     output_tokens: int = 0  # generated tokens, up to and including its end
     finish_reason: str | None = None  # "stop" | "length" when it completed
     failure: Failure | None = None  # when FINISHED_ERROR
+    # -- continuous policies: progress while running, and preemption --
+    generated: int = 0  # tokens generated so far (a continuous worker's last progress report)
+    looping: bool = False  # the worker's repetition-loop detector fired
+    resume_ids: list[int] = field(default_factory=list, repr=False)  # tokens kept across a preemption
+    preemptions: int = 0  # times it was preempted (put back to wait while running)
 
     @property
     def predicted_tokens(self) -> int | None:

@@ -37,8 +37,7 @@ class Stream:
     request: Request
     kind: str  # chat | completion (for the request log)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    sent: int = 0  # chars delivered to the client so far (a retried batch skips them)
-    attempt_chars: int = 0  # chars seen in the current attempt
+    sent: int = 0  # chars delivered to the client so far (a retried or resumed row skips them)
 
 
 def api_error(f: Failure) -> APIError:
@@ -67,7 +66,7 @@ class Engine:
         self.metrics = metrics
         self.model_name = model_name
         self.observe = observe  # learners' hook, run in a thread with each completed request
-        self.core = SchedulerCore(policy, [c.mode == "continuous" for c in worker_configs])
+        self.core = SchedulerCore(policy, [c.mode != "static" for c in worker_configs])
         self._streams: dict[str, Stream] = {}
         self._handles = [WorkerHandle(i, c, self._from_thread) for i, c in enumerate(worker_configs)]
         self._info: list[dict[str, Any]] = [{} for _ in worker_configs]
@@ -186,8 +185,6 @@ class Engine:
                 pass
 
     def _send(self, d: Dispatch) -> None:
-        for r in d.batch.requests:
-            self._streams[r.id].attempt_chars = 0
         self.metrics.batch_size.observe(d.batch.size)
         self.metrics.running.inc(d.batch.size)
         try:
@@ -221,6 +218,13 @@ class Engine:
                 self._finished(req, by_id.get(req.id))
         elif kind == "done":
             self._on_output(index, payload)
+        elif kind == "progress":
+            for req in self.core.update_progress(index, payload, time.monotonic()):
+                self._handles[index].preempt(req.id)
+        elif kind == "preempted":
+            up = self.core.update_preempted(index, payload, time.monotonic())
+            self.metrics.running.dec(len(up.requeued))
+            self.metrics.preemptions.inc(len(up.requeued))
         elif kind == "exit":
             self._on_exit(index, payload)
         self._wake.set()
@@ -230,14 +234,13 @@ class Engine:
             st = self._streams.get(ev.request_id)
             if st is None:
                 continue
-            start = st.attempt_chars
-            st.attempt_chars += len(ev.text)
-            if st.attempt_chars <= st.sent:
-                continue  # already delivered before an OOM retry
+            end = ev.offset + len(ev.text)
+            if end <= st.sent:
+                continue  # already delivered before an OOM retry or a worker's death
             if st.request.first_token_at is None:
                 st.request.first_token_at = ev.time - self._wall_offset
-            st.events.put_nowait(ev.text[max(0, st.sent - start):])
-            st.sent = st.attempt_chars
+            st.events.put_nowait(ev.text[max(0, st.sent - ev.offset):])
+            st.sent = end
 
     def _on_output(self, index: int, out: BatchOutput) -> None:
         up = self.core.update_from_output(index, out, time.monotonic())

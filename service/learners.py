@@ -55,6 +55,7 @@ def policy_settings(settings: Settings) -> PolicySettings:
     return PolicySettings(
         name=settings.policy, batch_size=settings.batch_size, max_wait=settings.max_wait, phi=settings.phi,
         max_batch_size=settings.max_batch_size, estimator_interval_s=settings.estimator_interval_s,
+        reserve=settings.reserve, swap_factor=settings.swap_factor,
     )
 
 

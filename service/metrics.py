@@ -27,6 +27,8 @@ class Metrics:
         )
         self.cancelled = Counter("magnus_cancelled_requests", "requests cancelled by the client", ["stage"], registry=r)
         self.predictions = Counter("magnus_predictions", "length predictions by source", ["source"], registry=r)
+        self.preemptions = Counter("magnus_preemptions", "running requests put back to wait (pcb: memory or order)",
+                                   registry=r)
         self.worker_restarts = Counter("magnus_worker_restarts", "worker processes restarted", registry=r)
         self.rejected = Counter(
             "magnus_rejected_requests", "requests refused before scheduling (queue_full, waiting_tokens, "

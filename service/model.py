@@ -53,6 +53,13 @@ def load_model_info(settings: Settings) -> ModelInfo:
                      device=device, dtype_bytes=dtype.itemsize)
 
 
+def worker_mode(runner: str, choice: str) -> str:
+    """The worker mode of a policy's runner, with ``--continuous-runner`` applied to continuous ones."""
+    if runner == "static" or choice == "auto":
+        return runner
+    return choice
+
+
 def worker_configs(settings: Settings, info: ModelInfo) -> list[WorkerConfig]:
     """One worker per CUDA device (or ``num_workers``); on CPU one worker unless configured."""
     if info.device.startswith("cuda"):
@@ -71,6 +78,6 @@ def worker_configs(settings: Settings, info: ModelInfo) -> list[WorkerConfig]:
                      threads=settings.worker_threads, mem_cap_bytes=settings.mem_cap_bytes,
                      oom_every=settings.oom_every, step_delay_s=settings.step_delay_s,
                      early_exit=settings.batch_exit == "early",
-                     mode="continuous" if policy.continuous else "static")
+                     mode=worker_mode(policy.runner, settings.continuous_runner))
         for d in devices
     ]

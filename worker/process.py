@@ -26,7 +26,7 @@ class WorkerConfig:
     device: str  # "cpu", "cuda:0", ...
     dtype: str = "auto"
     quantize: str = "none"  # none | int8 | 4bit
-    mode: str = "static"  # static (one batch at a time) | continuous (CCB: transformers' continuous batching)
+    mode: str = "static"  # static (one batch at a time) | transformers (its continuous batching) | iteration (our own)
     threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
     mem_cap_bytes: int | None = None  # fault injection: KV cache cap below the real memory
     oom_every: int = 0  # fault injection: every Nth multi-request batch runs out of memory
@@ -62,10 +62,14 @@ def _main(conn, cfg: WorkerConfig) -> None:
             with send_lock:
                 conn.send((kind, payload))
 
-        if cfg.mode == "continuous":
+        if cfg.mode == "transformers":
             from worker.continuous import ContinuousRunner
 
             runner: Any = ContinuousRunner(model, tok, send)
+        elif cfg.mode == "iteration":
+            from worker.iteration import IterationRunner
+
+            runner = IterationRunner(model, tok, cfg.device, send, delta, cfg.mem_cap_bytes, cfg.step_delay_s)
         else:
             runner = BatchRunner(model, tok, cfg.device, delta, cfg.mem_cap_bytes, cfg.oom_every, cfg.step_delay_s,
                                  early_exit=cfg.early_exit)
@@ -78,21 +82,24 @@ def _main(conn, cfg: WorkerConfig) -> None:
         conn.send(("fatal", traceback.format_exc()))
         return
     inbox = _Inbox(conn)
+    if cfg.mode == "iteration":
+        _serve_iteration(inbox, runner)
+        return
     while True:
         try:
             msg = inbox.next()
         except EOFError:
             return
         if msg is None:
-            if cfg.mode == "continuous":
+            if cfg.mode == "transformers":
                 runner.stop()
             return
         if isinstance(msg, tuple):  # ("cancel", request id)
-            if cfg.mode == "continuous":
+            if cfg.mode == "transformers":
                 runner.cancel(msg[1])
             continue  # a static batch that already ended: nothing to drop
         batch: WorkBatch = msg
-        if cfg.mode == "continuous":
+        if cfg.mode == "transformers":
             runner.submit(batch)
             continue
         try:
@@ -103,6 +110,24 @@ def _main(conn, cfg: WorkerConfig) -> None:
                                error=traceback.format_exc())
         inbox.cancels.clear()
         send("done", done)
+
+
+def _serve_iteration(inbox: _Inbox, runner) -> None:
+    """The iteration-level worker's loop: read every message that arrived, then one step."""
+    while True:
+        try:
+            msgs = inbox.drain(block=not runner.busy)
+        except EOFError:
+            return
+        for msg in msgs:
+            if msg is None:
+                return
+            if isinstance(msg, tuple):  # ("cancel" | "preempt", request id)
+                (runner.cancel if msg[0] == "cancel" else runner.preempt)(msg[1])
+            else:
+                runner.submit(msg)
+        if runner.busy:
+            runner.step()
 
 
 class _Inbox:
@@ -116,6 +141,16 @@ class _Inbox:
 
     def next(self) -> Any:
         return self.held.popleft() if self.held else self.conn.recv()
+
+    def drain(self, block: bool) -> list[Any]:
+        """Everything that arrived (waiting for one message first when ``block``)."""
+        msgs = list(self.held)
+        self.held.clear()
+        if not msgs and block:
+            msgs.append(self.conn.recv())
+        while self.conn.poll():
+            msgs.append(self.conn.recv())
+        return msgs
 
     def cancelled(self) -> set[str]:
         """Request ids cancelled so far (a non-blocking read of the pipe)."""
@@ -131,7 +166,7 @@ class _Inbox:
 class WorkerHandle:
     """Parent-side handle of one worker process; ``on_message(kind, payload)`` is called from a
     reader thread for every message (``ready``, ``tokens``, ``rows`` (rows that ended early),
-    ``done``, ``fatal``, ``exit``)."""
+    ``done``, ``progress`` and ``preempted`` (iteration-level workers), ``fatal``, ``exit``)."""
 
     def __init__(self, index: int, cfg: WorkerConfig, on_message: Callable[[int, str, Any], None]) -> None:
         self.index = index
@@ -171,6 +206,12 @@ class WorkerHandle:
         with self._send_lock:
             if self._conn is not None:
                 self._conn.send(("cancel", request_id))
+
+    def preempt(self, request_id: str) -> None:
+        """Ask an iteration-level worker to hand a running request back (it answers ``preempted``)."""
+        with self._send_lock:
+            if self._conn is not None:
+                self._conn.send(("preempt", request_id))
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()

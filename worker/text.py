@@ -72,7 +72,8 @@ class RequestText:
             limit = max(self.sent, len(self.text) - self.max_stop + 1)
         if limit <= self.sent:
             return None
-        ev = TokenEvent(request_id=self.req.request_id, text=self.text[self.sent : limit], time=time.time())
+        ev = TokenEvent(request_id=self.req.request_id, text=self.text[self.sent : limit], time=time.time(),
+                        offset=self.sent)
         self.sent = limit
         return ev
 
