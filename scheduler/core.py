@@ -227,6 +227,7 @@ class SchedulerCore:
         from the tokens they had generated."""
         up = Update()
         running = self._workers[worker].running
+        oom = any(p.oom for p in rows)
         for p in rows:
             r = self._requests.get(p.request_id)
             d = None
@@ -243,7 +244,8 @@ class SchedulerCore:
             r.generated = len(p.generated_ids)
             r.preemptions += 1
             up.requeued.append(r)
-            self.policy.on_preempted(r, worker, p.oom, now)
+        if up.requeued:
+            self.policy.on_preempted(up.requeued, worker, oom, now)
         return up
 
     def worker_died(self, worker: int, now: float) -> Update:

@@ -212,13 +212,14 @@ class PredictiveContinuousPolicy(Policy):
         self.preempted += len(victims)
         return victims
 
-    def on_preempted(self, req: Request, worker: int, oom: bool, now: float) -> None:
-        self.release(req.id)
-        if oom:
+    def on_preempted(self, reqs: list[Request], worker: int, oom: bool, now: float) -> None:
+        if oom:  # the worker had less room than Theta said: keep below what ran out
             b = self.budget(worker)
-            b.theta = max(b.theta * 0.8, self.memory.delta)  # the worker had less room than Theta said
-            self.preempted += 1
-        self._waiting[req.id] = req
+            b.theta = max(min(b.theta, 0.9 * b.used), self.memory.delta)
+            self.preempted += len(reqs)
+        for r in reqs:
+            self.release(r.id)
+            self._waiting[r.id] = r
 
     def release(self, request_id: str) -> None:
         worker = self._worker_of.pop(request_id, None)

@@ -66,10 +66,11 @@ class Policy(ABC):
         Return the requests to preempt (default: none)."""
         return []
 
-    def on_preempted(self, req: Request, worker: int, oom: bool, now: float) -> None:
-        """A continuous worker dropped a running request (on order, or ``oom``): it waits again
-        and keeps its arrival time. Default: requeue it alone."""
-        self.requeue(Batch(requests=[req], created=now), now)
+    def on_preempted(self, reqs: list[Request], worker: int, oom: bool, now: float) -> None:
+        """A continuous worker dropped running requests (on order, or all of them on ``oom``):
+        they wait again and keep their arrival times. Default: requeue each alone."""
+        for r in reqs:
+            self.requeue(Batch(requests=[r], created=now), now)
 
     @abstractmethod
     def requeue(self, batch: Batch, now: float) -> None:

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 
-@pytest.mark.parametrize("policy", ["vs", "vsq", "ccb", "glp", "abp", "magnus"])
+@pytest.mark.parametrize("policy", ["vs", "vsq", "ccb", "pcb", "glp", "abp", "magnus"])
 def test_policy_serves_requests(server_factory, tiny_model_dir: str, policy: str) -> None:
     srv = server_factory(tiny_model_dir, policy=policy, served_model_name="tiny", batch_size=4, max_wait=0.05)
 
@@ -33,7 +33,7 @@ def test_policy_serves_requests(server_factory, tiny_model_dir: str, policy: str
                               " WHERE r.status = 'ok'").fetchall()
         time.sleep(0.2)
     assert len(rows) == 6 and {p for p, _ in rows} == {policy}
-    if policy in ("glp", "abp", "magnus"):  # predictive policies carry a predicted length per request
+    if policy in ("pcb", "glp", "abp", "magnus"):  # predictive policies carry a predicted length per request
         assert all(pred is not None and pred >= 1 for _, pred in rows)
     else:
         assert all(pred is None for _, pred in rows)

@@ -360,10 +360,12 @@ def test_timeout_and_cancel_while_waiting(guarded: Server) -> None:
 
 
 # ---- load, cancellation while running, worker killed mid-batch ----------------------------------
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("loaded"), tiny_model_dir, policy="vs", batch_size=32,
-                       max_wait=0.3, **TINY)
+@pytest.fixture(scope="module", params=["vs", "pcb"])
+def loaded(request: pytest.FixtureRequest, tiny_model_dir: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A static (vs) and an iteration-level (pcb) server: every guarantee below holds for both."""
+    srv = start_server(tmp_path_factory.mktemp("loaded"), tiny_model_dir, policy=request.param, batch_size=32,
+                       max_wait=0.3, max_batch_size=32, **TINY)
     yield srv
     srv.stop()
 
