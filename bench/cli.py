@@ -147,7 +147,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def add_compare(leaves: Subparsers) -> None:
     p = leaves.add_parser("compare", help="run the policies on identical load, each on a real server")
-    p.add_argument("--policies", default="vs,vsq,ccb,glp,abp,magnus", help="comma-separated (default: all six)")
+    p.add_argument("--policies", default="vs,vsq,ccb,pcb,glp,abp,magnus", help="comma-separated (default: all of them)")
     p.add_argument("--rates", required=True, type=lambda s: [float(x) for x in s.split(",") if x.strip()],
                    help="comma-separated request rates (req/s)")
     p.add_argument("--workload", required=True, type=Path, help="workload JSONL (file order, cycled to --n)")

@@ -42,7 +42,7 @@ from bench.workload.records import Request, read_requests
 from scheduler.factory import POLICIES
 from service.launcher import ROOT, Server, start_server
 
-POLICY_ORDER = ("vs", "vsq", "ccb", "glp", "abp", "magnus")
+POLICY_ORDER = ("vs", "vsq", "ccb", "pcb", "glp", "abp", "magnus")
 #: Policies whose server predicts generation lengths (GLP, ABP, Magnus).
 PREDICTIVE = frozenset(name for name, cls in POLICIES.items() if cls.needs_prediction)
 #: Settings the command sets itself, per policy.

@@ -34,7 +34,7 @@ from bench.sim.workload import DEFAULT_NOISE_SIGMA, load_workload, pearson_by_ap
 from scheduler.costmodel import HARDWARE, MODELS
 from scheduler.factory import POLICIES
 
-POLICY_ORDER = ("vs", "vsq", "ccb", "glp", "abp", "magnus")
+POLICY_ORDER = ("vs", "vsq", "ccb", "pcb", "glp", "abp", "magnus")
 
 
 # -- CLI -------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "requests at their send times, and a measured-vs-simulated table")
     p.add_argument("--overheads", default="auto", choices=("auto", "none"),
                    help="auto: with --replay and a log, add the ingress/egress/turnaround fitted from them")
-    p.add_argument("--policies", default=",".join(POLICY_ORDER), help="comma-separated (default: all six)")
+    p.add_argument("--policies", default=",".join(POLICY_ORDER), help="comma-separated (default: all of them)")
     p.add_argument("--rate", type=float, help="mean requests per second (omit: the file's 'arrival')")
     p.add_argument("--rates", type=_floats, help="comma-separated rates to sweep (overrides --rate)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape 1/B; 1 = Poisson")

@@ -7,7 +7,9 @@ same code the server runs) driven on a virtual clock; only the workers are simul
   device memory, the batch runs out of memory while producing token ``g0``, the first whose
   cache crosses the limit: ``batch_time(b, L, g0)`` is charged, then an OOM output goes to the core.
   The worker takes its next batch ``turnaround_s`` after a batch ends (the engine's round trip).
-* Continuous workers (CCB): iteration-level. Requests the policy admits join at the worker's
+* Continuous workers (CCB, pcb): iteration-level. Not simulated for pcb: the workers' progress
+  reports, so neither re-prediction while decoding nor preemption (pcb runs with admission by
+  its reservation and HRRN order only). Requests the policy admits join at the worker's
   next iteration boundary; that iteration costs ``prefill_time`` of the joiners plus
   ``step_time(running, mean KV tokens)`` of the others. A request leaves after its TRUE length
   and is reported as a batch of one. Iterations in which nothing joins or leaves are summed in
@@ -314,7 +316,10 @@ class Simulation:
 
     # -- continuous workers ---------------------------------------------------------------------
     def _track_reservation(self, w: int) -> None:
-        adm = self.policy.admission(w)  # type: ignore[attr-defined]
+        admission = getattr(self.policy, "admission", None)  # CCB's reservations (pcb reserves its own way)
+        if admission is None:
+            return
+        adm = admission(w)
         if adm.running > 1 or adm.used <= adm.theta:
             self.stats.peak_reserved_frac = max(self.stats.peak_reserved_frac, adm.used / adm.theta)
 
