@@ -26,6 +26,7 @@ from scheduler.estimator import BatchRecord, BatchTimeEstimator
 from scheduler.factory import POLICIES, make_policy
 from scheduler.hrrn import pick_hrrn, response_ratio
 from scheduler.memory import MemoryModel, delta_from_config, kv_bytes_per_token
+from scheduler.pcb import PredictiveContinuousPolicy
 from scheduler.policy import Policy
 from scheduler.predictive import ABPPolicy, GLPPolicy, MagnusPolicy, PredictivePolicy
 from scheduler.request import Request
@@ -420,12 +421,12 @@ def test_cancel(name: str) -> None:
 
 def test_factory_builds_every_policy() -> None:
     expected = {"vs": VanillaPolicy, "vsq": VSQPolicy, "glp": GLPPolicy, "abp": ABPPolicy,
-                "magnus": MagnusPolicy, "ccb": CCBPolicy}
+                "magnus": MagnusPolicy, "ccb": CCBPolicy, "pcb": PredictiveContinuousPolicy}
     assert set(POLICIES) == set(expected)
     for name, cls in expected.items():
         p = make_policy(name)
         assert type(p) is cls and p.name == name
-        assert p.needs_prediction == (name in ("glp", "abp", "magnus"))
+        assert p.needs_prediction == (name in ("glp", "abp", "magnus", "pcb"))
     assert make_policy("vsq").batch_size > make_policy("vs").batch_size
     # one settings dict for every policy; max_wait and min_wait are the same knob
     settings = {"batch_size": 6, "max_wait": 0.2, "phi": 1e5, "memory": large_mem(3), "max_batch_size": 64}
