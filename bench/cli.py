@@ -166,6 +166,9 @@ def add_compare(leaves: Subparsers) -> None:
     p.add_argument("--predictor-model", type=Path, help="trained length-predictor file for glp/abp/magnus")
     p.add_argument("--warmup-train", type=Path, metavar="TRUTH",
                    help="without --predictor-model: first train one on this JSONL (magnus predictor train)")
+    p.add_argument("--warmup-heads", type=Path, metavar="HEADS",
+                   help="with --warmup-train: the rows' first generated tokens (python -m bench.prefix), to "
+                        "train the re-predictor too (magnus predictor train --heads)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up requests per server (default 2)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds a server may take to start")
     p.add_argument("--work-dir", type=Path,

@@ -24,6 +24,7 @@ from predictor import LengthPredictor, PredictInput, PredictorConfig
 from predictor.embedder import Embedder
 from predictor.features import FeatureExtractor
 from predictor.forest import ForestParams, LengthForest
+from predictor.repredict import HeadRow
 from predictor.trainset import TrainingSet
 
 APPS = [("Translate the following English text into French.", 1.3, 2.0),
@@ -91,7 +92,7 @@ def main() -> int:
             LengthForest.fit(ts, ForestParams(n_estimators=args.n_estimators, seed=args.seed)).save(model)
         pred = LengthPredictor(PredictorConfig(embedder=args.embedder, model_path=model), embedder=embedder)
         cold = LengthPredictor(PredictorConfig(embedder=args.embedder), embedder=embedder)
-    forest = pred._forest
+    forest = pred._model
     assert forest is not None
     fx = FeatureExtractor(embedder)
 
@@ -107,14 +108,20 @@ def main() -> int:
         lines.append(row("predict (forest, full path)", b, timed(pred.predict, pools)))
         lines.append(row("  embed user texts", b, timed(
             lambda batch: embedder.encode([i.user_text for i in batch]), pools)))
-        lines.append(row("  forest + quantile", b, timed(
-            lambda batch: forest.predict(feats[id(batch)]), pools)))  # noqa: B023 (called in this iteration)
+        lines.append(row(f"  {forest.form} model + high estimate", b, timed(
+            lambda batch: forest.predict_lengths(  # noqa: B023 (called in this iteration)
+                feats[id(batch)], np.array([i.max_tokens for i in batch], dtype=float)), pools)))  # noqa: B023
+        if forest.repredictor is not None:
+            heads = {id(batch): [HeadRow(0.4, 100.0, i.input_tokens, i.max_tokens,
+                                         rng.integers(0, 49152, 32).tolist()) for i in batch] for batch in pools}
+            lines.append(row("re-predict from 32 first tokens (head features + model)", b, timed(
+                lambda batch: forest.repredictor.predict(heads[id(batch)]), pools)))  # noqa: B023
         lines.append(row("predict (cold start fallback)", b, timed(cold.predict, pools)))
     import torch
 
     threads = args.threads or torch.get_num_threads()
     print(f"embedder {embedder.name} (d={embedder.dim}) on cpu, torch threads {threads}, "
-          f"forest {forest.meta.params['n_estimators']} trees on {forest.meta.train_size} rows, "
+          f"{forest.form} model ({forest.meta.params['n_estimators']} trees) on {forest.meta.train_size} rows, "
           f"{args.reps} reps after 1 warm-up")
     print("\n".join(lines))
     return 0

@@ -18,9 +18,11 @@ import numpy as np
 
 from predictor.data import Row, load_jsonl, load_request_log
 from predictor.embedder import Embedder
-from predictor.evaluate import evaluate_groups, finalize, runaway_probability, tree_lengths, yardstick
+from predictor.evaluate import evaluate_groups, finalize, repredict_report, yardstick
 from predictor.features import FeatureExtractor
 from predictor.forest import TARGETS, ForestParams, LengthForest
+from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
+from predictor.repredict import HeadRow, Repredictor
 from predictor.trainset import TrainingSet
 
 
@@ -35,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     src.add_argument("--from-jsonl", metavar="FILE",
                      help="JSONL rows: instruction, input, input_tokens, output_tokens[, app, max_tokens]")
     t.add_argument("--out", required=True, metavar="MODEL", help="model file to write (joblib)")
+    t.add_argument("--form", choices=("mixture", "paper"), default="mixture",
+                   help="mixture: runaway classifier + ended-length regressor, calibrated high estimate "
+                        "(default); paper: the paper's random forest")
+    t.add_argument("--heads", metavar="FILE",
+                   help="mixture: also train the re-predictor on these rows' first generated tokens "
+                        "(JSONL id, head_ids: python -m bench.prefix)")
     t.add_argument("--embedder", default="default",
                    help="'default' (bundled all-MiniLM-L6-v2), sentence-transformers/LaBSE, a path or hub id")
     t.add_argument("--device", default="cpu", help="embedder device (default: cpu)")
@@ -45,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--n-estimators", type=int, default=100)
     t.add_argument("--max-depth", type=int, default=None)
     t.add_argument("--min-samples-leaf", type=int, default=1)
-    t.add_argument("--quantile", type=float, default=0.9, help="high quantile of the per-tree predictions")
+    t.add_argument("--quantile", type=float, default=0.9,
+                   help="level of the high estimate (paper: of the per-tree predictions; mixture: calibrated)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--target", choices=TARGETS, default="ratio",
                    help="what the trees learn: output/input token ratio (default) or the length itself")
@@ -60,6 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e = leaves.add_parser("eval", help="evaluate a model file against true lengths and every cheap baseline")
     e.add_argument("file", metavar="FILE", help="JSONL rows with true output_tokens")
     e.add_argument("--model", required=True, metavar="MODEL")
+    e.add_argument("--paper", metavar="MODEL", help="also score this paper-form model file (a 'paper form' row)")
+    e.add_argument("--heads", metavar="FILE",
+                   help="first generated tokens of FILE's rows (JSONL id, head_ids): score the model's "
+                        "re-predictor after 16 and 32 tokens")
     e.add_argument("--train", metavar="FILE",
                    help="JSONL to fit the baselines on (default: the training rows stored in the model)")
     e.add_argument("--embedder", default=None,
@@ -85,12 +98,28 @@ def _featurize(rows: Sequence[Row], embedder: Embedder) -> np.ndarray:
                                                 [r.input_tokens for r in rows], show_progress=True)
 
 
-def _predict_rows(forest: LengthForest, rows: Sequence[Row], X: np.ndarray,
-                  quantile: float | None) -> tuple[np.ndarray, np.ndarray]:
-    point, high = forest.predict(X, quantile)
+def _predict_rows(model: LengthForest | RunawayMixture, rows: Sequence[Row], X: np.ndarray,
+                  quantile: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     caps = [r.max_tokens for r in rows]
+    point, high, p_run = model.predict_lengths(X, np.array([m or 0 for m in caps], dtype=np.float64), quantile)
     point = finalize(point, caps)
-    return point, np.maximum(point, finalize(np.ceil(high), caps))
+    return point, np.maximum(point, finalize(np.ceil(high), caps)), p_run
+
+
+def read_heads(path: str) -> dict[str, list[int]]:
+    """``{id: head_ids}`` of a ``bench.prefix`` file."""
+    with open(path, encoding="utf-8") as f:
+        return {rec["id"]: list(rec["head_ids"]) for rec in map(json.loads, filter(str.strip, f))}
+
+
+def head_rows(rows: Sequence[Row], heads: dict[str, list[int]], p_run: np.ndarray,
+              point: np.ndarray) -> list[HeadRow]:
+    """Re-predictor inputs of ``rows`` (every row needs a head in ``heads`` and a max_tokens)."""
+    missing = [r.id for r in rows if r.id not in heads or r.max_tokens is None]
+    if missing:
+        raise ValueError(f"{len(missing)} rows have no head tokens or no max_tokens (e.g. {missing[:3]})")
+    return [HeadRow(float(p), float(pt), r.input_tokens, int(r.max_tokens or 0), heads[r.id] or [0])
+            for r, p, pt in zip(rows, p_run, point, strict=True)]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -117,10 +146,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     embedder = Embedder(args.embedder, device=args.device, threads=args.threads)
     X = _featurize(fit_rows, embedder)
     train = TrainingSet(embedder.name, embedder.dim, X, np.array([r.output_tokens for r in fit_rows]),
-                        [r.app_text for r in fit_rows], served_model=args.served_model)
-    forest = LengthForest.fit(train, params, show_progress=True)
+                        [r.app_text for r in fit_rows], served_model=args.served_model,
+                        max_tokens=np.array([r.max_tokens or 0 for r in fit_rows]))
+    forest: LengthForest | RunawayMixture
+    if args.form == "paper":
+        forest = LengthForest.fit(train, params, show_progress=True)
+    else:
+        forest = RunawayMixture.fit(train, MixtureParams(quantile=args.quantile, seed=args.seed, n_jobs=args.n_jobs))
+        if args.heads:
+            assert forest.oob is not None
+            p_oob, point_oob = forest.oob
+            forest.repredictor = Repredictor(args.quantile, args.seed).fit(
+                head_rows(fit_rows, read_heads(args.heads), p_oob, point_oob), [r.output_tokens for r in fit_rows])
     if hold:
-        point, high = _predict_rows(forest, hold, _featurize(hold, embedder), None)
+        point, high, _ = _predict_rows(forest, hold, _featurize(hold, embedder), None)
         m = evaluate_groups(["all"] * len(hold), np.array([r.output_tokens for r in hold]),
                             {"forest": point}, {"forest": high})["overall"]["forest"]
         forest.meta.metrics.update(
@@ -138,13 +177,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     Baselines (``predictor.evaluate.BASELINES``) are fitted on ``--train`` if given, else on the
     training rows stored in the model file. Every method's prediction is rounded, at least 1, and
-    capped by the row's ``max_tokens`` when present. The runaway score of a row is the share of
-    trees predicting at least its ``max_tokens``.
+    capped by the row's ``max_tokens`` when present. The runaway score of a row is the model's
+    P(length >= max_tokens).
     """
-    forest = LengthForest.load(args.model)
+    forest = load_length_model(args.model)
     embedder = Embedder(args.embedder or forest.meta.embedder, device=args.device, threads=args.threads)
     if embedder.name != forest.meta.embedder or embedder.dim != forest.meta.dim:
-        forest = LengthForest.load(args.model, embedder.name, embedder.dim)  # raises the mismatch
+        forest = load_length_model(args.model, embedder.name, embedder.dim)  # raises the mismatch
     rows = load_jsonl(args.file)
     if not rows:
         print("no rows to evaluate", file=sys.stderr)
@@ -160,11 +199,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     quantile = args.quantile if args.quantile is not None else forest.quantile
     X = _featurize(rows, embedder)
-    point, high = _predict_rows(forest, rows, X, quantile)
-    score = runaway_probability(tree_lengths(forest, X), [r.max_tokens for r in rows])
-    report = yardstick(b_apps, b_x, b_y, rows, point, high, quantile, score, args.runaway_threshold,
-                       "P(length >= max_tokens), the share of trees predicting at least max_tokens")
+    point, high, score = _predict_rows(forest, rows, X, args.quantile)
+    extra = {}
+    if args.paper:
+        paper = load_length_model(args.paper, embedder.name, embedder.dim)
+        extra["paper form"] = _predict_rows(paper, rows, X, None)[0]
+    name = ("P(length >= max_tokens), the share of trees predicting at least max_tokens" if forest.form == "paper"
+            else "the runaway classifier's P(length >= max_tokens)")
+    report = yardstick(b_apps, b_x, b_y, rows, point, high, quantile, score, args.runaway_threshold, name,
+                       extra=extra)
     print(report.markdown())
+    reprediction = None
+    if args.heads:
+        if forest.repredictor is None:
+            print("the model has no re-predictor (train with --heads)", file=sys.stderr)
+            return 2
+        reprediction = repredict_report(forest.repredictor, rows, read_heads(args.heads), score, point,
+                                        head_rows, args.runaway_threshold)
+        print("\n" + reprediction.markdown())
     if args.predictions:
         with open(args.file, encoding="utf-8") as f:
             raw = [json.loads(line) for line in f if line.strip()]
@@ -176,6 +228,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "model": args.model, "eval_file": args.file,
             "baselines_fit_on": args.train or "model training rows",
             "quantile": quantile, "meta": asdict(forest.meta), **report.as_dict(),
+            "reprediction": None if reprediction is None else reprediction.as_dict(),
             "results": {g: {m: v.as_dict() for m, v in by.items()} for g, by in report.results.items()},
         }
         with open(args.json, "w", encoding="utf-8") as f:
@@ -185,7 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a model file's metadata as JSON."""
-    forest = LengthForest.load(args.model)
+    forest = load_length_model(args.model)
     print(json.dumps(asdict(forest.meta), indent=2))
     return 0
 

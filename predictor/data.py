@@ -19,6 +19,7 @@ class Row:
     output_tokens: int  # true generation length
     max_tokens: int | None = None  # the request's limit, when known
     app: str = ""  # application label for reports ("" when the source has none)
+    id: str = ""  # the row's id, when the source has one
 
     @property
     def group(self) -> str:
@@ -49,7 +50,7 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Row]:
                                 input_tokens=int(rec["input_tokens"]),
                                 output_tokens=int(rec["output_tokens"]),
                                 max_tokens=None if max_tokens is None else int(max_tokens),
-                                app=str(rec.get("app") or "")))
+                                app=str(rec.get("app") or ""), id=str(rec.get("id") or "")))
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"{os.fspath(path)}:{lineno}: bad row ({exc!r})") from exc
     return rows

@@ -1,10 +1,10 @@
 """The predictor's yardstick: accuracy against every cheap baseline, runaways, coverage.
 
-``yardstick`` scores, on test rows, the forest and every cheap baseline fitted on training rows
+``yardstick`` scores, on test rows, the model and every cheap baseline fitted on training rows
 (``BASELINES``; "app" means the application-level text, the instruction, as the server sees it),
-names the best baseline and the forest's MAE ratio to it, reports how many requests ran away
+names the best baseline and the model's MAE ratio to it, reports how many requests ran away
 (``output_tokens >= max_tokens``) and how well a runaway score ranks them, and how often the
-forest's high estimate covers the true length.
+model's high estimate covers the true length.
 """
 
 from __future__ import annotations
@@ -251,10 +251,10 @@ def runaway_report(groups: Sequence[str], true: np.ndarray, max_tokens: Sequence
 
 @dataclass
 class Yardstick:
-    """The forest against every cheap baseline on test rows, with runaways and coverage."""
+    """The model against every cheap baseline on test rows, with runaways and coverage."""
 
     results: dict[str, dict[str, Metrics]]  # group (and "overall") -> method -> metrics
-    quantile: float  # of the forest's high estimate
+    quantile: float  # of the model's high estimate
     runaways: Runaways | None = None
     baselines: list[str] = field(default_factory=list)
 
@@ -263,13 +263,13 @@ class Yardstick:
         return min(self.baselines, key=lambda name: self.results[group][name].mae)
 
     def ratio(self, group: str = "overall") -> float | None:
-        """Forest MAE / best baseline MAE on ``group`` (below 1: the forest is better); None if that MAE is 0."""
+        """Model MAE / best baseline MAE on ``group`` (below 1: the model is better); None if that MAE is 0."""
         best = self.results[group][self.best_baseline(group)].mae
         return self.results[group][FOREST].mae / best if best > 0 else None
 
     @property
     def coverage(self) -> float | None:
-        """Share of test rows whose true length is at most the forest's high estimate."""
+        """Share of test rows whose true length is at most the model's high estimate."""
         return self.results["overall"][FOREST].high_coverage
 
     def as_dict(self) -> dict[str, Any]:
@@ -285,13 +285,13 @@ class Yardstick:
         return {"best_baseline": best, "coverage": self.coverage, "runaways": runaways}
 
     def markdown(self) -> str:
-        """The report: best baseline and the forest's ratio to it first, then coverage, runaways and
+        """The report: best baseline and the model's ratio to it first, then coverage, runaways and
         the per-application tables."""
         best, ratio = self.best_baseline(), self.ratio()
         lines = [f"**Best cheap baseline: {best}**, MAE {_fmt(self.results['overall'][best].mae)} tokens; "
-                 f"the forest ({FOREST}) {_fmt(self.results['overall'][FOREST].mae)}: "
-                 f"forest / best = {_fmt(ratio)} (below 1: the forest is better).", "",
-                 "| application | best baseline | its MAE | forest MAE | forest / best |",
+                 f"the model ({FOREST}) {_fmt(self.results['overall'][FOREST].mae)}: "
+                 f"model / best = {_fmt(ratio)} (below 1: the model is better).", "",
+                 "| application | best baseline | its MAE | model MAE | model / best |",
                  "| --- | --- | ---: | ---: | ---: |"]
         for g in self.results:
             b = self.best_baseline(g)
@@ -313,15 +313,96 @@ class Yardstick:
 
 def yardstick(train_apps: Sequence[str], train_x: np.ndarray, train_y: np.ndarray, rows: Sequence[Row],
               point: np.ndarray, high: np.ndarray, quantile: float, runaway_score: np.ndarray | None = None,
-              threshold: float = 0.5, score_name: str | None = None) -> Yardstick:
-    """Score the forest's ``point``/``high`` predictions for ``rows`` and every baseline fitted on the
-    training rows ``(train_apps, train_x, train_y)``; baselines are finalized like the forest."""
+              threshold: float = 0.5, score_name: str | None = None,
+              extra: dict[str, np.ndarray] | None = None) -> Yardstick:
+    """Score the model's ``point``/``high`` predictions for ``rows`` and every baseline fitted on the
+    training rows ``(train_apps, train_x, train_y)``; baselines are finalized like the model.
+    ``extra``: other methods' (finalized) predictions to list beside them (e.g. the paper form)."""
     caps = [r.max_tokens for r in rows]
     true = np.array([r.output_tokens for r in rows], dtype=np.float64)
     groups = [r.group for r in rows]
     raw = baseline_predictions(train_apps, train_x, train_y, [r.app_text for r in rows],
                                np.array([r.input_tokens for r in rows], dtype=np.float64), caps)
-    methods = {FOREST: np.asarray(point, dtype=np.float64)} | {k: finalize(v, caps) for k, v in raw.items()}
+    methods = ({FOREST: np.asarray(point, dtype=np.float64)} | {k: np.asarray(v, dtype=np.float64)
+                                                                for k, v in (extra or {}).items()}
+               | {k: finalize(v, caps) for k, v in raw.items()})
     results = evaluate_groups(groups, true, methods, {FOREST: np.asarray(high, dtype=np.float64)})
     runaways = runaway_report(groups, true, caps, runaway_score, threshold, score_name)
     return Yardstick(results, quantile, runaways, list(raw))
+
+
+# --- re-prediction while decoding ----------------------------------------------------------------
+@dataclass
+class RepredictionAt:
+    """The re-predictor after ``k`` generated tokens."""
+
+    k: int
+    running: int  # rows still running after k tokens (the others ended: their length is known)
+    auc_running: float | None  # runaway ROC AUC over the running rows
+    auc_all: float | None  # over all rows, an ended row scored 0 (it is known not to run away)
+    precision: float | None  # at the threshold, over the running rows
+    recall: float | None
+    mae: float  # of the total length over all rows, an ended row's length known
+    mae_running: float  # over the running rows only
+    coverage: float | None  # of the high estimate, over the running rows
+
+
+@dataclass
+class Reprediction:
+    """Runaway detection and length error from the first generated tokens, per checkpoint."""
+
+    arrival_auc: float | None
+    arrival_mae: float
+    at: list[RepredictionAt]
+    threshold: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def markdown(self) -> str:
+        lines = [f"**Re-prediction while decoding** (the model's re-predictor, from the first generated tokens; "
+                 f"at arrival: runaway AUC {_fmt(self.arrival_auc)}, MAE {_fmt(self.arrival_mae)}). A row that "
+                 "ended before k tokens has a known length (error 0, runaway score 0).", "",
+                 "| after k tokens | rows still running | runaway AUC (running rows) | runaway AUC (all rows) | "
+                 f"precision / recall at {self.threshold:g} | MAE (all rows) | MAE (running rows) | "
+                 "coverage of high (running) |",
+                 "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for a in self.at:
+            lines.append(f"| {a.k} | {a.running} | {_fmt(a.auc_running)} | {_fmt(a.auc_all)} | "
+                         f"{_fmt(a.precision)} / {_fmt(a.recall)} | {_fmt(a.mae)} | {_fmt(a.mae_running)} | "
+                         f"{_fmt(a.coverage, True)} |")
+        return "\n".join(lines)
+
+
+def _auc(labels: np.ndarray, score: np.ndarray) -> float | None:
+    return float(roc_auc_score(labels, score)) if 0 < labels.sum() < len(labels) else None
+
+
+def repredict_report(repredictor: Any, rows: Sequence[Row], heads: dict[str, list[int]], arrival_p: np.ndarray,
+                     arrival_point: np.ndarray, to_head_rows: Callable[..., list[Any]], threshold: float = 0.5,
+                     checkpoints: Sequence[int] = (16, 32)) -> Reprediction:
+    """Score ``repredictor`` on ``rows`` whose first generated tokens are ``heads``, at each checkpoint."""
+    true = np.array([r.output_tokens for r in rows], dtype=np.float64)
+    caps = np.array([r.max_tokens or 0 for r in rows], dtype=np.float64)
+    ran = (caps > 0) & (true >= caps)
+    out = []
+    for k in checkpoints:
+        live = true > k
+        cut = {r.id: heads[r.id][:k] for r in rows if r.id in heads}
+        idx = np.flatnonzero(live)
+        hrows = to_head_rows([rows[i] for i in idx], cut, arrival_p[idx], arrival_point[idx])
+        point, high, p = repredictor.predict(hrows)
+        point = np.minimum(np.maximum(point, k + 1), caps[idx])
+        est = true.copy()
+        est[idx] = np.floor(point + 0.5)
+        score = np.zeros(len(rows))
+        score[idx] = p
+        flagged = p >= threshold
+        out.append(RepredictionAt(
+            k=k, running=len(idx), auc_running=_auc(ran[idx], p), auc_all=_auc(ran, score),
+            precision=float(ran[idx][flagged].mean()) if flagged.any() else None,
+            recall=float(flagged[ran[idx]].mean()) if ran[idx].any() else None,
+            mae=float(np.abs(est - true).mean()), mae_running=float(np.abs(est[idx] - true[idx]).mean()),
+            coverage=float((true[idx] <= high + 1e-6).mean()) if len(idx) else None))
+    return Reprediction(_auc(ran, np.asarray(arrival_p, dtype=np.float64)),
+                        float(np.abs(np.asarray(arrival_point) - true).mean()), out, threshold)

@@ -86,11 +86,14 @@ class LengthForest:
     their spread reflects both noise among similar requests and model uncertainty.
     """
 
+    form = "paper"
+
     def __init__(self, model: RandomForestRegressor, meta: ModelMeta,
                  train: TrainingSet | None = None) -> None:
         self.model = model
         self.meta = meta
         self.train = train
+        self.repredictor: Any = None  # not saved with the paper form; carried over by the service
 
     @property
     def quantile(self) -> float:
@@ -138,6 +141,18 @@ class LengthForest:
         trees = _per_tree(self.model, X) * _scale(self.target, X)
         q = self.quantile if quantile is None else quantile
         return trees.mean(axis=0), np.quantile(trees, q, axis=0)
+
+    def predict_lengths(self, X: np.ndarray, max_tokens: np.ndarray,
+                        quantile: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(point, high, p_runaway)``: ``p_runaway`` is the share of trees predicting at least the
+        row's ``max_tokens`` (0 where it is unknown, ``max_tokens <= 0``)."""
+        if len(X) == 0:
+            return np.zeros(0), np.zeros(0), np.zeros(0)
+        trees = _per_tree(self.model, X) * _scale(self.target, X)
+        q = self.quantile if quantile is None else quantile
+        caps = np.asarray(max_tokens, dtype=np.float64)
+        p = np.where(caps > 0, (trees >= np.where(caps > 0, caps, np.inf)).mean(axis=0), 0.0)
+        return trees.mean(axis=0), np.quantile(trees, q, axis=0), p
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a joblib file atomically; it holds the forest, metadata and training rows."""

@@ -16,6 +16,8 @@ import numpy as np
 from predictor.embedder import Embedder
 from predictor.features import FeatureExtractor
 from predictor.forest import ForestParams, LengthForest
+from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
+from predictor.repredict import HeadRow
 from predictor.trainset import ModelMismatchError, TrainingSet
 from predictor.types import PredictInput, Prediction
 
@@ -23,7 +25,10 @@ log = logging.getLogger(__name__)
 
 _APP_HISTORY = 512  # true lengths kept per application for the cold-start median
 _MAX_APPS = 1024  # applications tracked for the cold-start median (least recently seen dropped)
+_RECENT = 200  # finished requests in the rolling health window (/metrics)
 FALLBACK_SOURCES = frozenset({"app_median", "max_tokens"})
+FORMS = ("mixture", "paper")
+LengthModel = LengthForest | RunawayMixture
 
 
 @dataclass
@@ -31,7 +36,8 @@ class PredictorConfig:
     """Settings of ``LengthPredictor``; see DESIGN section 2.1 for the continual-learning rule."""
 
     embedder: str = "default"  # "default" (bundled all-MiniLM-L6-v2), a local path or a hub id
-    model_path: str | None = None  # forest file to load at start / save to after retraining
+    form: str = "mixture"  # "mixture" (runaway classifier + ended-length regressor) | "paper" (the forest)
+    model_path: str | None = None  # model file to load at start / save to after retraining
     model_is_explicit: bool = False  # model_path was given by the user (--predictor-model), not the state dir
     train_set_path: str | None = None  # persisted continual-learning training set (.npz)
     n_estimators: int = 100
@@ -57,7 +63,15 @@ class PredictorConfig:
             raise ValueError("err_abs and err_rel must be >= 0")
         if self.min_train < 1:
             raise ValueError("min_train must be >= 1")
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}")
         self.forest_params()  # validates the forest settings
+
+    def fit(self, train: TrainingSet) -> LengthModel:
+        """A model of the configured form fitted on ``train`` (blocking)."""
+        if self.form == "paper":
+            return LengthForest.fit(train, self.forest_params())
+        return RunawayMixture.fit(train, MixtureParams(quantile=self.quantile, seed=self.seed, n_jobs=self.n_jobs))
 
     def forest_params(self) -> ForestParams:
         return ForestParams(n_estimators=self.n_estimators, max_depth=self.max_depth,
@@ -90,6 +104,7 @@ class _Observed:
     user_text: str
     input_tokens: int
     true_tokens: int
+    max_tokens: int
 
 
 class LengthPredictor:
@@ -122,19 +137,19 @@ class LengthPredictor:
         self._lock = threading.Lock()  # guards the state below; never held while embedding/fitting
         self._retrain_lock = threading.Lock()  # one retrain (or final persist) at a time
         self.discarded_state: list[str] = []  # files skipped: learned for another served model
-        self._forest: LengthForest | None = None
+        self._model: LengthModel | None = None
         if cfg.model_path and Path(cfg.model_path).exists():
-            forest = LengthForest.load(cfg.model_path, self.embedder.name, self.embedder.dim)
-            if self._served_model_fits("model file", cfg.model_path, forest.meta.served_model,
+            model = load_length_model(cfg.model_path, self.embedder.name, self.embedder.dim)
+            if self._served_model_fits("model file", cfg.model_path, model.meta.served_model,
                                        explicit=cfg.model_is_explicit):
-                self._forest = forest
+                self._model = model
         train: TrainingSet | None = None
         if cfg.train_set_path and Path(cfg.train_set_path).exists():
             loaded = TrainingSet.load(cfg.train_set_path, self.embedder.name, self.embedder.dim)
             if self._served_model_fits("training set", cfg.train_set_path, loaded.served_model):
                 train = loaded
-        if train is None and self._forest is not None and self._forest.train is not None:
-            train = self._forest.train  # a CLI-trained model carries its training rows
+        if train is None and self._model is not None and self._model.train is not None:
+            train = self._model.train  # a CLI-trained model carries its training rows
         if train is None:
             train = TrainingSet(self.embedder.name, self.embedder.dim)
         if cfg.served_model is not None and train.served_model != cfg.served_model:
@@ -149,7 +164,8 @@ class LengthPredictor:
         self._model_dirty = False
         self._phase = 0  # 0 idle, 1 embedding new rows, 2 fitting a forest
         self._counts = {"observed": 0, "selected": 0, "retrains": 0, "fallback_predictions": 0,
-                        "forest_predictions": 0}
+                        "forest_predictions": 0, "repredictions": 0}
+        self._recent: deque[tuple[float, bool, bool]] = deque(maxlen=_RECENT)  # (abs error, flagged, ran away)
         self._abs_err_sum = 0.0
         self._abs_err_n = 0
         self._last_retrain_s = 0.0
@@ -187,21 +203,36 @@ class LengthPredictor:
         if not items:
             return []
         with self._lock:
-            forest = self._forest
-        if forest is None:
+            model = self._model
+        if model is None:
             with self._lock:
                 self._counts["fallback_predictions"] += len(items)
                 return [self._fallback(it) for it in items]
         X = self._features.transform([it.app_text for it in items], [it.user_text for it in items],
                                      [it.input_tokens for it in items])
-        point, high = forest.predict(X, self.cfg.quantile)
+        caps = np.array([it.max_tokens for it in items], dtype=np.float64)
+        point, high, p_run = model.predict_lengths(X, caps, self.cfg.quantile if model.form == "paper" else None)
         with self._lock:
             self._counts["forest_predictions"] += len(items)
-        out = []
-        for p, h in zip(point, high, strict=True):
-            tokens = max(1, int(math.floor(p + 0.5)))
-            out.append(Prediction(tokens=tokens, high=max(tokens, int(math.ceil(h))), source="forest"))
-        return out
+        return [_prediction(p, h, r, "forest" if model.form == "paper" else model.form)
+                for p, h, r in zip(point, high, p_run, strict=True)]
+
+    @property
+    def can_repredict(self) -> bool:
+        with self._lock:
+            return self._model is not None and self._model.repredictor is not None
+
+    def repredict(self, rows: list[HeadRow]) -> list[Prediction] | None:
+        """Total-length predictions of running requests from their first generated tokens
+        (``predictor.repredict``); None when the model has no re-predictor. Cheap (~1 ms)."""
+        with self._lock:
+            rp = None if self._model is None else self._model.repredictor
+        if rp is None or not rows:
+            return None
+        point, high, p_run = rp.predict(rows)
+        with self._lock:
+            self._counts["repredictions"] += len(rows)
+        return [_prediction(p, h, r, "repredicted") for p, h, r in zip(point, high, p_run, strict=True)]
 
     def _fallback(self, item: PredictInput) -> Prediction:
         history = self._apps.get(item.app_text)
@@ -239,10 +270,15 @@ class LengthPredictor:
                 guess = min(predicted.tokens, item.max_tokens) if item.max_tokens > 0 else predicted.tokens
                 self._abs_err_sum += abs(guess - true_tokens)
                 self._abs_err_n += 1
-            if select_for_training(predicted, true_tokens, item.max_tokens, self._forest is not None,
+                if predicted.source not in FALLBACK_SOURCES:
+                    flagged = predicted.p_runaway is not None and predicted.p_runaway >= 0.5
+                    self._recent.append((abs(guess - true_tokens), flagged,
+                                         item.max_tokens > 0 and true_tokens >= item.max_tokens))
+            if select_for_training(predicted, true_tokens, item.max_tokens, self._model is not None,
                                    self.cfg.err_abs, self.cfg.err_rel):
                 self._counts["selected"] += 1
-                self._pending.append(_Observed(item.app_text, item.user_text, item.input_tokens, true_tokens))
+                self._pending.append(_Observed(item.app_text, item.user_text, item.input_tokens, true_tokens,
+                                               item.max_tokens))
 
     def _absorb_pending(self) -> int:
         """Embed the queued requests and append them to the training set; returns how many."""
@@ -253,8 +289,9 @@ class LengthPredictor:
         X = self._features.transform([o.app_text for o in pending], [o.user_text for o in pending],
                                      [o.input_tokens for o in pending])
         y = np.array([o.true_tokens for o in pending], dtype=np.float32)
+        caps = np.array([o.max_tokens for o in pending], dtype=np.float32)
         with self._lock:
-            self._train = self._train.extended(X, y, [o.app_text for o in pending])
+            self._train = self._train.extended(X, y, [o.app_text for o in pending], caps)
             self._train_dirty = True
         return len(pending)
 
@@ -270,7 +307,7 @@ class LengthPredictor:
                 if self._last_check is not None and now - self._last_check < self.cfg.retrain_interval_s:
                     return False
                 self._last_check = now
-                untrained_but_ready = self._forest is None and len(self._train) >= self.cfg.min_train
+                untrained_but_ready = self._model is None and len(self._train) >= self.cfg.min_train
                 if not self._pending and not untrained_but_ready:
                     return False
                 self._phase = 1
@@ -284,9 +321,11 @@ class LengthPredictor:
                     self._persist()
                     return False
                 started = time.perf_counter()
-                forest = LengthForest.fit(train, self.cfg.forest_params())
+                forest = self.cfg.fit(train)
                 with self._lock:
-                    self._forest = forest
+                    if self._model is not None:  # the re-predictor is trained offline: keep it
+                        forest.repredictor = self._model.repredictor
+                    self._model = forest
                     self._model_dirty = True
                     self._counts["retrains"] += 1
                     self._last_retrain_s = time.perf_counter() - started
@@ -303,7 +342,7 @@ class LengthPredictor:
     def _persist(self) -> None:
         """Write the training set and the model if they changed and paths are configured."""
         with self._lock:
-            train, forest = self._train, self._forest
+            train, forest = self._train, self._model
             save_train, save_model = self._train_dirty, self._model_dirty
             self._train_dirty = self._model_dirty = False
         if save_train and self.cfg.train_set_path:
@@ -342,14 +381,15 @@ class LengthPredictor:
     @property
     def trained(self) -> bool:
         with self._lock:
-            return self._forest is not None
+            return self._model is not None
 
     def stats(self) -> dict[str, float]:
         """Counters and gauges. ``retraining``: 0 idle, 1 embedding new rows, 2 fitting a forest.
         ``last_mae``: out-of-bag MAE of the current forest; ``online_mae``: MAE of the (capped)
         predictions of all observed requests. No NaN: -1.0 means not known yet."""
         with self._lock:
-            forest = self._forest
+            forest = self._model
+            recent = list(self._recent)
             out: dict[str, float] = {k: float(v) for k, v in self._counts.items()}
             out.update({
                 "trained": float(forest is not None),
@@ -358,8 +398,22 @@ class LengthPredictor:
                 "pending": float(len(self._pending)),
                 "last_mae": forest.meta.metrics.get("oob_mae", -1.0) if forest is not None else -1.0,
                 "online_mae": self._abs_err_sum / self._abs_err_n if self._abs_err_n else -1.0,
+                "rolling_mae": float(np.mean([e for e, _, _ in recent])) if recent else -1.0,
+                "rolling_runaway_share": float(np.mean([r for _, _, r in recent])) if recent else -1.0,
+                "rolling_runaway_precision": _share([r for _, f, r in recent if f]),
+                "rolling_runaway_recall": _share([f for _, f, r in recent if r]),
                 "last_retrain_s": self._last_retrain_s,
                 "app_cache_hits": float(self.embedder.cache_hits),
                 "app_cache_misses": float(self.embedder.cache_misses),
             })
         return out
+
+
+def _prediction(point: float, high: float, p_runaway: float, source: str) -> Prediction:
+    tokens = max(1, int(math.floor(point + 0.5)))
+    return Prediction(tokens=tokens, high=max(tokens, int(math.ceil(high))), source=source,
+                      p_runaway=float(p_runaway))
+
+
+def _share(flags: list[bool]) -> float:
+    return float(np.mean(flags)) if flags else -1.0

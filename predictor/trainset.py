@@ -51,12 +51,22 @@ class TrainingSet:
     apps: list[str] = field(default_factory=list)
     feature_version: int = FEATURE_VERSION
     served_model: str | None = None
+    # each row's max_tokens (0: unknown). A length at its max_tokens is censored: a lower bound
+    max_tokens: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.X = np.ascontiguousarray(self.X, dtype=np.float32).reshape(-1, N_FEATURES)
         self.y = np.asarray(self.y, dtype=np.float32).reshape(-1)
-        if not (len(self.X) == len(self.y) == len(self.apps)):
-            raise ValueError("X, y and apps must have the same length")
+        if self.max_tokens is None:
+            self.max_tokens = np.zeros(len(self.y), dtype=np.float32)
+        self.max_tokens = np.asarray(self.max_tokens, dtype=np.float32).reshape(-1)
+        if not (len(self.X) == len(self.y) == len(self.apps) == len(self.max_tokens)):
+            raise ValueError("X, y, apps and max_tokens must have the same length")
+
+    @property
+    def censored(self) -> np.ndarray:
+        """Rows whose length reached their known max_tokens (runaways: the true length is at least y)."""
+        return (self.max_tokens > 0) & (self.y >= self.max_tokens)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -65,11 +75,15 @@ class TrainingSet:
     def input_tokens(self) -> np.ndarray:
         return self.X[:, INPUT_TOKENS_COL]
 
-    def extended(self, X: np.ndarray, y: np.ndarray, apps: list[str]) -> TrainingSet:
+    def extended(self, X: np.ndarray, y: np.ndarray, apps: list[str],
+                 max_tokens: np.ndarray | None = None) -> TrainingSet:
         """A new training set with the rows appended (the original is left untouched)."""
+        caps = np.zeros(len(y)) if max_tokens is None else np.asarray(max_tokens)
+        assert self.max_tokens is not None
         return TrainingSet(self.embedder, self.dim, np.vstack([self.X, np.asarray(X, dtype=np.float32)]),
                            np.concatenate([self.y, np.asarray(y, dtype=np.float32)]),
-                           self.apps + list(apps), self.feature_version, self.served_model)
+                           self.apps + list(apps), self.feature_version, self.served_model,
+                           np.concatenate([self.max_tokens, caps.astype(np.float32)]))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays (no pickled objects) with the metadata as a JSON string."""
@@ -77,7 +91,7 @@ class TrainingSet:
         index = {a: i for i, a in enumerate(uniq)}
         meta = {"format": _FORMAT, "embedder": self.embedder, "dim": self.dim,
                 "feature_version": self.feature_version, "served_model": self.served_model}
-        return {"X": self.X, "y": self.y,
+        return {"X": self.X, "y": self.y, "max_tokens": np.asarray(self.max_tokens, dtype=np.float32),
                 "app_idx": np.array([index[a] for a in self.apps], dtype=np.int32),
                 "app_texts": np.array(uniq, dtype=np.str_), "meta": np.array(json.dumps(meta))}
 
@@ -88,8 +102,9 @@ class TrainingSet:
             raise ValueError("not a magnus training set")
         app_texts = [str(a) for a in arrs["app_texts"]]
         apps = [app_texts[i] for i in np.asarray(arrs["app_idx"])]
+        caps = arrs["max_tokens"] if "max_tokens" in arrs else None  # files from before: unknown
         return cls(meta["embedder"], int(meta["dim"]), arrs["X"], arrs["y"], apps,
-                   int(meta["feature_version"]), meta.get("served_model"))
+                   int(meta["feature_version"]), meta.get("served_model"), caps)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write an ``.npz`` file atomically (temporary file, then rename)."""

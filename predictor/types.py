@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: Generated-token counts at which a running request is re-predicted from its first tokens.
+CHECKPOINTS = (8, 16, 24, 32, 48, 64)
+
 
 @dataclass
 class PredictInput:
@@ -22,4 +25,5 @@ class Prediction:
 
     tokens: int  # point estimate G'(p), >= 1, NOT capped (the scheduler caps by max_tokens)
     high: int  # high quantile (>= tokens)
-    source: str  # "forest" | "app_median" | "max_tokens" | "oracle" | "noisy" | "file" (simulator)
+    source: str  # "mixture" | "forest" (the paper form) | "repredicted" | "app_median" | "max_tokens" | "oracle" | "noisy" | "file" (simulator)
+    p_runaway: float | None = None  # probability that it runs to max_tokens (None: not estimated)

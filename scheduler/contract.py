@@ -10,7 +10,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from predictor.types import CHECKPOINTS
 from scheduler.request import Request, SamplingParams
+
+#: How many first generated tokens a continuous worker reports for re-prediction.
+HEAD_IDS = CHECKPOINTS[-1]
 
 
 @dataclass
@@ -82,6 +86,7 @@ class RowProgress:
     request_id: str
     generated: int  # tokens generated so far (resumed ones included)
     looping: bool  # the repetition-loop detector fired: the row will likely run to max_tokens
+    head_ids: list[int] = field(default_factory=list)  # its first HEAD_IDS tokens, sent while it has few more
 
 
 @dataclass

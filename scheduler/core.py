@@ -21,9 +21,10 @@ has some (it admits requests between decode steps, and reports each as a batch o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from predictor.types import CHECKPOINTS
 from scheduler.batch import Batch, BatchOutcome
 from scheduler.contract import BatchOutput, Outcome, Preempted, RowOutput, RowProgress, WorkBatch, WorkItem
 from scheduler.policy import Policy
@@ -76,6 +77,9 @@ class SchedulerCore:
             raise ValueError("need at least one worker")
         self.policy = policy
         self.max_deaths = max_deaths
+        # re-prediction hook (the length predictor's, in the server): sets ``reprediction`` of the
+        # requests given, whose reported first tokens reached a new checkpoint
+        self.repredict: Callable[[list[Request]], None] | None = None
         self._workers = [_Worker(c) for c in continuous]
         self._requests: dict[str, Request] = {}  # unfinished ones
         self._deaths: dict[int, int] = {}  # batch id -> times a worker died running it
@@ -212,14 +216,19 @@ class SchedulerCore:
     def update_progress(self, worker: int, progress: Sequence[RowProgress], now: float) -> list[Request]:
         """A continuous worker's report on its running rows: the policy re-estimates them and may
         name requests to preempt (returned; the driver asks the worker to drop them)."""
-        reqs = []
+        reqs, fresh = [], []
         for p in progress:
             r = self._requests.get(p.request_id)
             if r is not None and r.status == RequestStatus.RUNNING and r.worker == worker:
                 r.generated, r.looping = p.generated, r.looping or p.looping
+                if len(p.head_ids) > len(r.head_ids) and _checkpoint(len(p.head_ids)) > _checkpoint(len(r.head_ids)):
+                    r.head_ids = list(p.head_ids)
+                    fresh.append(r)
                 reqs.append(r)
         if not reqs:
             return []
+        if fresh and self.repredict is not None:
+            self.repredict(fresh)
         return [r for r in self.policy.on_progress(worker, reqs, now) if r.status == RequestStatus.RUNNING]
 
     def update_preempted(self, worker: int, rows: Sequence[Preempted], now: float) -> Update:
@@ -295,3 +304,8 @@ class SchedulerCore:
             r.status = RequestStatus.FINISHED_ABORTED
         else:
             r.status = RequestStatus.FINISHED_LENGTH if r.finish_reason == "length" else RequestStatus.FINISHED_STOPPED
+
+
+def _checkpoint(k: int) -> int:
+    """The last re-prediction checkpoint (``predictor.repredict.CHECKPOINTS``) at or below ``k`` tokens."""
+    return max((c for c in CHECKPOINTS if c <= k), default=0)

@@ -18,9 +18,10 @@
   running request; a request waiting longer than ``starvation_s`` goes first and is not
   overtaken. The running set is capped at ``max_batch_size`` (where the machine's throughput
   stops rising, a setting), so that a queue exists to order under load.
-* **Re-prediction while decoding.** Remaining work = point - generated while below the point
-  estimate, then high - generated, then ``max_tokens - generated``; a looping row counts as a
-  runaway (``max_tokens - generated``). Order-swap preemption: when the running set is full and
+* **Re-prediction while decoding.** The latest estimate is the re-predictor's (from the first 8 to
+  64 generated tokens, ``predictor.repredict``, when the model has one), else the arrival one.
+  Remaining work = point - generated while below the point estimate, then high - generated, then
+  ``max_tokens - generated``; a looping row counts as a runaway (``max_tokens - generated``). Order-swap preemption: when the running set is full and
   the best waiting request's predicted work is ``swap_factor`` times smaller than a running
   request's predicted remaining work, that running request is preempted (each at most
   ``max_preemptions`` times).
@@ -44,10 +45,11 @@ def remaining_tokens(r: Request) -> int:
     """Predicted tokens still to generate, given what the request generated so far."""
     g = r.generated
     left = r.max_tokens - g
-    if r.looping or r.prediction is None:
+    est = r.estimate
+    if r.looping or est is None:
         return max(left, 1)
-    point = min(r.prediction.tokens, r.max_tokens)
-    high = min(max(r.prediction.high, point), r.max_tokens)
+    point = min(est.tokens, r.max_tokens)
+    high = min(max(est.high, point), r.max_tokens)
     if g < point:
         return point - g
     if g < high:
@@ -113,10 +115,11 @@ class PredictiveContinuousPolicy(Policy):
     # -- estimates -------------------------------------------------------------------------------
     def reserved_tokens(self, r: Request) -> int:
         """Generation tokens reserved for ``r`` now (at least what it has generated plus a margin)."""
-        if self.reserve == "max" or r.prediction is None or r.looping:
+        latest = r.estimate
+        if self.reserve == "max" or latest is None or r.looping:
             total = r.max_tokens
         else:
-            est = r.prediction.high if self.reserve == "high" else r.prediction.tokens
+            est = latest.high if self.reserve == "high" else latest.tokens
             total = min(max(est, 1), r.max_tokens)
             if r.generated >= total:
                 total = r.max_tokens  # outgrew its estimate: likely a runaway

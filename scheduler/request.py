@@ -83,6 +83,13 @@ class Request:
     looping: bool = False  # the worker's repetition-loop detector fired
     resume_ids: list[int] = field(default_factory=list, repr=False)  # tokens kept across a preemption
     preemptions: int = 0  # times it was preempted (put back to wait while running)
+    head_ids: list[int] = field(default_factory=list, repr=False)  # its first generated tokens, as reported
+    reprediction: Prediction | None = None  # re-estimated from head_ids while it runs (total length)
+
+    @property
+    def estimate(self) -> Prediction | None:
+        """The latest prediction: re-predicted while running when there is one, else the arrival one."""
+        return self.reprediction or self.prediction
 
     @property
     def predicted_tokens(self) -> int | None:

@@ -30,6 +30,8 @@ async def _load(state: AppState) -> None:
         observe = built.observe if built.predictor is not None else None
         engine = Engine(built.policy, worker_configs(settings, state.info), state.request_log, state.metrics,
                         state.info.name, observe=observe)
+        if built.predictor is not None and built.predictor.can_repredict and built.policy.continuous:
+            engine.core.repredict = built.repredict
         await engine.start()
         state.metrics.bind_learners(built.predictor.stats if built.predictor is not None else None, built.estimator)
         built.start(settings.estimator_interval_s)

@@ -42,7 +42,15 @@ class Metrics:
             for key, doc in (("trained", "1 once a forest is trained (0: cold-start fallback)"),
                              ("train_size", "rows in the predictor's training set"),
                              ("retrains", "predictor retraining rounds"),
-                             ("last_mae", "out-of-bag MAE of the current forest (tokens)")):
+                             ("last_mae", "out-of-bag MAE of the current model (tokens)"),
+                             ("rolling_mae", "MAE of the last 200 finished requests' predictions, capped by "
+                                             "max_tokens (tokens; -1 before any)"),
+                             ("rolling_runaway_share", "share of the last 200 that ran to max_tokens"),
+                             ("rolling_runaway_precision", "of the last 200 predicted to run away (p >= 0.5), "
+                                                           "the share that did (-1: none predicted)"),
+                             ("rolling_runaway_recall", "of the last 200 that ran away, the share predicted "
+                                                        "(-1: none ran away)"),
+                             ("repredictions", "running requests re-predicted from their first tokens")):
                 g = Gauge(f"magnus_predictor_{key}", doc, registry=self.registry)
                 g.set_function(lambda k=key: float(predictor_stats().get(k, -1.0)))
         if estimator is not None:

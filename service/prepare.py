@@ -8,6 +8,7 @@ import uuid
 
 from scheduler.request import Request, SamplingParams
 from service.errors import APIError
+from service.predictbatch import PredictionBatcher
 from service.protocol import ChatCompletionRequest, CompletionRequest
 from service.state import Serving
 
@@ -49,6 +50,8 @@ async def prepare(sv: Serving, body: CompletionRequest | ChatCompletionRequest, 
     )
     learners = sv.state.learners
     if learners is not None and learners.predictor is not None and sv.engine.policy.needs_prediction:
-        req.prediction = await loop.run_in_executor(cpu, learners.predict, req)
+        if learners.batcher is None:
+            learners.batcher = PredictionBatcher(learners.predict, cpu)
+        req.prediction = await learners.batcher.predict(req)
         sv.state.metrics.predictions.labels(req.prediction.source).inc()
     return req

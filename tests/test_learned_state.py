@@ -19,6 +19,7 @@ from predictor.cli import main as cli_main
 from predictor.embedder import Embedder, get_embedder
 from predictor.features import N_FEATURES
 from predictor.forest import ForestParams, LengthForest
+from predictor.mixture import load_length_model
 from predictor.trainset import TrainingSet
 from scheduler.estimator import BatchRecord, BatchTimeEstimator
 
@@ -139,7 +140,7 @@ def test_predictor_state_reused_for_same_served_model_only(embedder: Embedder, t
         pred.observe(item, true, pred.predict([item])[0])
     assert pred.retrain_if_due(0.0) is True
     pred.stop()
-    assert LengthForest.load(model_path).meta.served_model == "A"
+    assert load_length_model(model_path).meta.served_model == "A"
     assert TrainingSet.load(train_path).served_model == "A"
     saved = {p: p.read_bytes() for p in (model_path, train_path)}
 
@@ -164,7 +165,7 @@ def test_predictor_state_reused_for_same_served_model_only(embedder: Embedder, t
     for it, true in requests(12, seed=5):
         other.observe(it, true, other.predict([it])[0])
     assert other.retrain_if_due(0.0) is True
-    assert LengthForest.load(model_path).meta.served_model == "B"
+    assert load_length_model(model_path).meta.served_model == "B"
     assert TrainingSet.load(train_path).served_model == "B"
 
 
@@ -194,7 +195,7 @@ def test_explicit_model_for_other_served_model_refused(embedder: Embedder, tmp_p
     model = tmp_path / "offline.joblib"
     assert cli_main(["predictor", "train", "--from-jsonl", str(rows), "--out", str(model), "--n-estimators", "5",
                      "--threads", "1", "--served-model", "A"]) == 0
-    assert LengthForest.load(model).meta.served_model == "A"
+    assert load_length_model(model).meta.served_model == "A"
     saved = model.read_bytes()
 
     with pytest.raises(ModelMismatchError, match=r"(?s)offline\.joblib.*'A'.*'B'"):
@@ -211,7 +212,7 @@ def test_explicit_model_for_other_served_model_refused(embedder: Embedder, tmp_p
     plain = tmp_path / "plain.joblib"
     assert cli_main(["predictor", "train", "--from-jsonl", str(rows), "--out", str(plain), "--n-estimators", "5",
                      "--threads", "1"]) == 0
-    assert LengthForest.load(plain).meta.served_model is None
+    assert load_length_model(plain).meta.served_model is None
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="predictor.predictor"):
         taken = LengthPredictor(cfg(model_path=str(plain), model_is_explicit=True, served_model="B"),

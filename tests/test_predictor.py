@@ -36,6 +36,7 @@ from predictor.features import (
     compress,
 )
 from predictor.forest import ForestParams, LengthForest
+from predictor.mixture import load_length_model
 from predictor.trainset import TrainingSet
 
 APPS = {
@@ -252,7 +253,7 @@ def test_background_retrain_swaps_without_blocking_predict(embedder: Embedder) -
         while not pred.trained and time.monotonic() < deadline:
             time.sleep(0.02)
         assert pred.trained
-        first = pred._forest
+        first = pred._model
         # wrong forest predictions: all of these join and trigger a second, bigger retrain
         for r in rows[25:]:
             pred.observe(to_input(r), r["output_tokens"] + 40, Prediction(1, 1, "forest"))
@@ -263,10 +264,10 @@ def test_background_retrain_swaps_without_blocking_predict(embedder: Embedder) -
             t0 = time.perf_counter()
             p = pred.predict([probe])[0]
             took = time.perf_counter() - t0
-            assert p.source == "forest"
+            assert p.source == "mixture"  # the default form
             if phase_before == 2 and pred.stats()["retraining"] == 2:
                 during_fit.append(took)  # started and finished while the new forest was fitting
-        assert pred.stats()["retrains"] == 2 and pred._forest is not first
+        assert pred.stats()["retrains"] == 2 and pred._model is not first
         assert pred.stats()["train_size"] == 150
         assert during_fit, "no prediction completed while the forest was being fitted"
         assert max(during_fit) < pred.stats()["last_retrain_s"]  # none waited for the whole fit
@@ -356,7 +357,7 @@ def test_cli_train_eval_info(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     from_log = tmp_path / "log.joblib"
     assert cli_main(["predictor", "train", "--from-log", str(db), "--out", str(from_log),
                      "--n-estimators", "5", "--threads", "1"]) == 0
-    assert LengthForest.load(from_log, DEFAULT_EMBEDDER).meta.train_size == 24
+    assert load_length_model(from_log, DEFAULT_EMBEDDER).meta.train_size == 24
 
 
 @pytest.mark.parametrize("target", ["ratio", "tokens"])
@@ -376,3 +377,31 @@ def test_forest_target_extrapolates_only_as_ratio(target: str) -> None:
     else:
         assert point[0] <= 202  # a forest on lengths cannot leave the range it saw
     assert forest.meta.metrics["oob_mae"] < (2 if target == "ratio" else 20)
+
+
+def test_health_stats_track_recent_error_and_runaways(embedder: Embedder) -> None:
+    pred = LengthPredictor(cfg(), embedder=embedder)
+    r = make_rows(1)[0]
+    item = to_input(r)  # max_tokens 256
+    assert pred.stats()["rolling_mae"] == -1.0
+    pred.observe(item, 256, Prediction(256, 256, "mixture", 0.9))  # flagged, ran away
+    pred.observe(item, 40, Prediction(60, 90, "mixture", 0.7))  # flagged, did not
+    pred.observe(item, 256, Prediction(100, 200, "mixture", 0.1))  # missed runaway
+    pred.observe(item, 30, Prediction(30, 40, "app_median"))  # a fallback: not in the model's health
+    s = pred.stats()
+    assert s["rolling_mae"] == pytest.approx((0 + 20 + 156) / 3)
+    assert s["rolling_runaway_share"] == pytest.approx(2 / 3)
+    assert s["rolling_runaway_precision"] == pytest.approx(1 / 2)
+    assert s["rolling_runaway_recall"] == pytest.approx(1 / 2)
+
+
+def test_mixture_form_learns_continually_and_keeps_censoring(embedder: Embedder, tmp_path: Path) -> None:
+    pred = LengthPredictor(cfg(model_path=str(tmp_path / "m.joblib")), embedder=embedder)
+    rows = make_rows(40, seed=3)
+    for i, r in enumerate(rows):
+        pred.observe(to_input(r), 256 if i % 4 == 0 else r["output_tokens"], None)  # every 4th runs away
+    assert pred.retrain_if_due(0.0) and pred.trained
+    model = load_length_model(tmp_path / "m.joblib")
+    assert model.form == "mixture" and model.meta.metrics["runaway_share"] == pytest.approx(0.25)
+    p = pred.predict([to_input(rows[1])])[0]
+    assert p.source == "mixture" and p.p_runaway is not None and p.high >= p.tokens

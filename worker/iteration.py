@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from scheduler.contract import (
+    HEAD_IDS,
     BatchOutput,
     BatchStats,
     Outcome,
@@ -241,7 +242,10 @@ class IterationRunner:
         for row in self.rows:
             if not row.looping and len(row.text.ids) >= 64:
                 row.looping = is_looping(row.text.ids)
-        self.send("progress", [RowProgress(r.item.request_id, len(r.text.ids), r.looping) for r in self.rows])
+        # the first tokens go along until a report has them all (re-prediction uses no more)
+        self.send("progress", [RowProgress(r.item.request_id, len(r.text.ids), r.looping,
+                                           r.text.ids[:HEAD_IDS] if len(r.text.ids) < HEAD_IDS + 8 else [])
+                               for r in self.rows])
 
     def _drop(self, gone: set[int]) -> None:
         """Rows leave the cache; columns that are padding for every remaining row are trimmed."""

@@ -208,10 +208,13 @@ def _batch_tokens(db: Path, records: Sequence[RequestRecord]) -> int | None:
         return None
 
 
-def train_predictor(truth: Path, out: Path) -> Path:
-    """Train a length predictor with ``magnus predictor train --from-jsonl`` (a subprocess)."""
+def train_predictor(truth: Path, out: Path, heads: Path | None = None) -> Path:
+    """Train a length predictor with ``magnus predictor train --from-jsonl`` (a subprocess); with
+    ``heads``, its re-predictor too (``--heads``)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "magnus", "predictor", "train", "--from-jsonl", str(truth), "--out", str(out)]
+    if heads is not None:
+        cmd += ["--heads", str(heads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     return out
@@ -362,11 +365,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     names = {parse_variant(p)[0] for p in policies}
     if args.warmup_train is not None and predictor is None and PREDICTIVE.intersection(names):
         try:
-            predictor = train_predictor(args.warmup_train, work / "predictor.joblib")
+            predictor = train_predictor(args.warmup_train, work / "predictor.joblib", args.warmup_heads)
         except subprocess.CalledProcessError as exc:
             print(f"compare: training the predictor failed ({exc})", file=sys.stderr)
             return 1
         predictor_note = f"trained on `{args.warmup_train}` (magnus predictor train --from-jsonl)"
+        if args.warmup_heads is not None:
+            predictor_note += f", re-predictor on `{args.warmup_heads}` (--heads)"
     elif predictor is None and PREDICTIVE.intersection(names):
         print("compare: no --predictor-model or --warmup-train: predictive policies start untrained",
               file=sys.stderr)
