@@ -105,7 +105,7 @@ def main() -> int:
     for b in args.batches:
         pools = [synthetic(b, rng)[0] for _ in range(args.reps + 1)]
         feats = {id(batch): features(batch) for batch in pools}
-        lines.append(row("predict (forest, full path)", b, timed(pred.predict, pools)))
+        lines.append(row(f"predict ({forest.form} model, full path)", b, timed(pred.predict, pools)))
         lines.append(row("  embed user texts", b, timed(
             lambda batch: embedder.encode([i.user_text for i in batch]), pools)))
         lines.append(row(f"  {forest.form} model + high estimate", b, timed(

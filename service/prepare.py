@@ -4,6 +4,7 @@ tokens (in a thread), the context-length check, sampling settings and the length
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 
 from scheduler.request import Request, SamplingParams
@@ -53,5 +54,10 @@ async def prepare(sv: Serving, body: CompletionRequest | ChatCompletionRequest, 
         if learners.batcher is None:
             learners.batcher = PredictionBatcher(learners.predict, cpu)
         req.prediction = await learners.batcher.predict(req)
+        scale = sv.state.settings.prediction_scale
+        if scale != 1.0:  # injected error: the scheduler (and the health metrics) see the scaled one
+            p = req.prediction
+            req.prediction = dataclasses.replace(p, tokens=max(1, round(p.tokens * scale)),
+                                                 high=max(1, round(p.tokens * scale), round(p.high * scale)))
         sv.state.metrics.predictions.labels(req.prediction.source).inc()
     return req

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     embedder: str = Field("default", description="sentence embedder for the length predictor ('default': all-MiniLM-L6-v2, or sentence-transformers/LaBSE, or a path)")
     predictor_model: Path | None = Field(None, description="length-predictor model file (magnus predictor train; default: <state-dir>/predictor.joblib)")
     predictor_form: Literal["mixture", "paper"] = Field("mixture", description="form of the length model learned continually: 'mixture' (runaway classifier + ended-length regressor, calibrated high estimate) or 'paper' (the paper's random forest)")
+    prediction_scale: float = Field(1.0, gt=0, description="fault injection: every length prediction (point and high) is multiplied by this before scheduling, to test wrong predictions (1 = off)")
     predictor_interval_s: float = Field(180.0, description="continual learning period of the length predictor")
     estimator_interval_s: float = Field(120.0, description="continual learning period of the batch-time estimator")
     state_dir: Path = Field(DATA_DIR / "state", description="learners' persisted state")

@@ -45,3 +45,32 @@ def test_out_of_memory_preempts_and_every_request_is_answered(tiny_model_dir: st
         assert metric(srv, "magnus_preemptions_total") >= 2
     finally:
         srv.stop()
+
+
+def test_wrong_predictions_injected_every_request_answered(tiny_model_dir: str, tmp_path: Path) -> None:
+    # predictions scaled by 0.1: each request reserves ~4 of its 40 tokens, so pcb admits all 8 and
+    # must preempt as they outgrow their reservations; the worker's own cap equals the budget
+    budget = 512 * 150
+    srv = start_server(tmp_path, tiny_model_dir, policy="pcb", max_batch_size=8, kv_budget_bytes=budget,
+                       mem_cap_bytes=budget, prediction_scale=0.1, **TINY)
+    try:
+        async def run() -> tuple[list, list]:
+            c = aclient(srv)
+            try:
+                async def one(i: int) -> str:
+                    r = await c.completions.create(model="tiny", prompt=f"the request number {i} says",
+                                                   max_tokens=40, temperature=0)
+                    return r.choices[0].text
+                together = await asyncio.gather(*(one(i) for i in range(8)), return_exceptions=True)
+                alone = [await one(i) for i in range(8)]
+                return together, alone
+            finally:
+                await c.close()
+
+        together, alone = asyncio.run(asyncio.wait_for(run(), 240))
+        errors = [r for r in together if isinstance(r, BaseException)]
+        assert not errors, errors[:3]  # no out-of-memory (or any) error reaches a client
+        assert together == alone
+        assert metric(srv, "magnus_preemptions_total") >= 2
+    finally:
+        srv.stop()
