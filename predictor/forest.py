@@ -136,11 +136,8 @@ class LengthForest:
 
     def predict(self, X: np.ndarray, quantile: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(point, high)`` float arrays for feature rows ``X``."""
-        if len(X) == 0:
-            return np.zeros(0), np.zeros(0)
-        trees = _per_tree(self.model, X) * _scale(self.target, X)
-        q = self.quantile if quantile is None else quantile
-        return trees.mean(axis=0), np.quantile(trees, q, axis=0)
+        point, high, _ = self.predict_lengths(X, np.zeros(len(X)), quantile)
+        return point, high
 
     def predict_lengths(self, X: np.ndarray, max_tokens: np.ndarray,
                         quantile: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -83,7 +83,7 @@ def mixture_quantile(q: float, p: np.ndarray, mu: np.ndarray, resid: np.ndarray,
     return np.where(caps > 0, np.minimum(out, caps), out)
 
 
-def _calibrate(target: float, p: np.ndarray, mu: np.ndarray, resid: np.ndarray, y: np.ndarray,
+def calibrate(target: float, p: np.ndarray, mu: np.ndarray, resid: np.ndarray, y: np.ndarray,
                caps: np.ndarray) -> float:
     """The smallest level whose mixture quantile covers at least ``target`` of the rows ``y``."""
     for q in np.arange(0.50, 0.995, 0.005):
@@ -139,7 +139,7 @@ class RunawayMixture:
         mu[ended] = np.where(np.isnan(oob), mu[ended], oob)
         resid = np.log(np.maximum(y[ended], 1.0)) - mu[ended]
         caps = np.where(train.max_tokens > 0, train.max_tokens, np.inf)
-        q = _calibrate(params.quantile, p_oob, mu, resid, y, caps)
+        q = calibrate(params.quantile, p_oob, mu, resid, y, caps)
         point = mixture_quantile(0.5, p_oob, mu, resid, caps)
         high = mixture_quantile(q, p_oob, mu, resid, caps)
         metrics = {"oob_n": float(len(y)), "oob_mae": float(np.abs(point - y).mean()),

@@ -22,7 +22,7 @@ from sklearn.model_selection import cross_val_predict
 from threadpoolctl import ThreadpoolController
 
 from predictor.head import head_features
-from predictor.mixture import _calibrate, mixture_quantile
+from predictor.mixture import calibrate, mixture_quantile
 from predictor.types import CHECKPOINTS
 
 HEAD_K = CHECKPOINTS[-1]  # the longest head used: tokens past it add nothing
@@ -89,7 +89,7 @@ class Repredictor:
         self.regressor.fit(X[ended], target)
         mu[ran] = self.regressor.predict(X[ran])
         self.resid = np.sort(target - mu[ended])
-        self.calibrated_q = _calibrate(self.quantile, p_cv, mu, self.resid, rem, cap)
+        self.calibrated_q = calibrate(self.quantile, p_cv, mu, self.resid, rem, cap)
         self.train_rows = len(rows)
         return self
 

@@ -221,7 +221,7 @@ class SchedulerCore:
             r = self._requests.get(p.request_id)
             if r is not None and r.status == RequestStatus.RUNNING and r.worker == worker:
                 r.generated, r.looping = p.generated, r.looping or p.looping
-                if len(p.head_ids) > len(r.head_ids) and _checkpoint(len(p.head_ids)) > _checkpoint(len(r.head_ids)):
+                if _checkpoint(len(p.head_ids)) > _checkpoint(len(r.head_ids)):
                     r.head_ids = list(p.head_ids)
                     fresh.append(r)
                 reqs.append(r)

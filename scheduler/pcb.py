@@ -21,10 +21,10 @@
 * **Re-prediction while decoding.** The latest estimate is the re-predictor's (from the first 8 to
   64 generated tokens, ``predictor.repredict``, when the model has one), else the arrival one.
   Remaining work = point - generated while below the point estimate, then high - generated, then
-  ``max_tokens - generated``; a looping row counts as a runaway (``max_tokens - generated``). Order-swap preemption: when the running set is full and
-  the best waiting request's predicted work is ``swap_factor`` times smaller than a running
-  request's predicted remaining work, that running request is preempted (each at most
-  ``max_preemptions`` times).
+  ``max_tokens - generated``; a looping row counts as a runaway (``max_tokens - generated``).
+  Order-swap preemption: when the running set is full and the best waiting request's predicted
+  work is ``swap_factor`` times smaller than a running request's predicted remaining work, that
+  running request is preempted (each at most ``max_preemptions`` times).
 """
 
 from __future__ import annotations
