@@ -41,6 +41,16 @@ class WorkBatch:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability (of the model's raw distribution, as vLLM's default)."""
+
+    token_id: int
+    token: str  # the token decoded alone
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # the k most likely: (id, text, logprob)
+
+
+@dataclass
 class TokenEvent:
     """Streamed while a batch runs: new text of one request (its first one marks the first token)."""
 
@@ -48,6 +58,9 @@ class TokenEvent:
     text: str  # the new characters (a possible stop-string prefix is held back until resolved)
     time: float  # when it was produced: wall clock (time.time()) of the worker
     offset: int = 0  # where ``text`` starts in the request's whole text (a resumed row continues, a retry restarts)
+    tokens: int = 0  # generated tokens since the row's previous event (inter-token latency)
+    token_offset: int = 0  # index of this event's first new token in the request's output
+    logprobs: list[TokenLogprob] | None = None  # the new tokens' log-probabilities, when the request asked
 
 
 @dataclass
@@ -59,6 +72,7 @@ class RowOutput:
     output_tokens: int  # generated tokens, up to and including its end
     finish_reason: str  # "stop" (end token or stop string) | "length" (max_tokens)
     first_token_time: float | None  # wall clock of the first generated token
+    logprobs: list[TokenLogprob] | None = None  # every generated token's, when the request asked
 
 
 @dataclass

@@ -51,6 +51,20 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None  # fixed per request so a retried batch reproduces the same text
     stop: tuple[str, ...] = ()  # stop strings (not included in the text)
+    presence_penalty: float = 0.0  # OpenAI: minus this once a token appeared in the output
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # HF/vLLM: logits of prompt and output tokens divided (>0) or multiplied (<0)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # end tokens and stop_token_ids are masked until this many were generated
+    ignore_eos: bool = False  # an end token does not end the row (benchmarks' fixed lengths)
+    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the row (finish_reason "stop")
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k most likely ones
+
+    @property
+    def processed(self) -> bool:
+        """True when the logits are changed before sampling (penalties, bias, min_tokens)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
 
 @dataclass(eq=False)
@@ -67,6 +81,7 @@ class Request:
     app_text: str = field(default="", repr=False)  # application-level text (instruction / system prompt)
     user_text: str = field(default="", repr=False)  # user-level text
     input_tokens: int = 0  # the user text's length in tokens (a predictor feature)
+    priority: int = 0  # as vLLM: lower is served earlier; within a priority the policy's own order
     true_tokens: int | None = None  # the true generation length: only the simulator knows it up front
     # -- what happened (set by the core, and by its driver for the first token) --
     status: RequestStatus = RequestStatus.WAITING

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from scheduler.contract import RowOutput, TokenEvent, WorkItem
+from scheduler.contract import RowOutput, TokenEvent, TokenLogprob, WorkItem
 
 
 def eos_ids_of(model, tokenizer) -> set[int]:
@@ -33,9 +33,16 @@ class RequestText:
         self._read = 0  # ids before this are in ``text``
         self.stop = req.sampling.stop
         self.max_stop = max((len(s) for s in self.stop), default=0)
+        sp = req.sampling
+        self.end_ids = set() if sp.ignore_eos else set(eos_ids)  # tokens that end the row
+        self.end_ids |= set(sp.stop_token_ids)
+        self.logprobs: list[TokenLogprob] | None = [] if sp.logprobs is not None else None
+        self._events_tokens = 0  # ids[:_events_tokens] were covered by an event already
+        self.sampler_state: object | None = None  # the sampler's per-row state (penalty counts)
 
-    def append(self, token: int, now: float) -> None:
-        """Add one generated token; sets ``done`` on EOS, a stop string or max_tokens.
+    def append(self, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
+        """Add one generated token; sets ``done`` on an end token (EOS unless ``ignore_eos``, or one
+        of ``stop_token_ids``), a stop string or max_tokens.
 
         Detokenization is incremental (constant work per token): only the tokens since the last
         emitted boundary are decoded, with the previous boundary's tokens as context so that
@@ -44,9 +51,11 @@ class RequestText:
         if self.done:
             return
         self.ids.append(token)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
         if self.first_token_time is None:
             self.first_token_time = now
-        if token in self.eos_ids:
+        if token in self.end_ids:
             self.done, self.finish_reason = True, "stop"
             return
         prefix = self.tok.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
@@ -72,13 +81,17 @@ class RequestText:
             limit = max(self.sent, len(self.text) - self.max_stop + 1)
         if limit <= self.sent:
             return None
+        first = self._events_tokens
         ev = TokenEvent(request_id=self.req.request_id, text=self.text[self.sent : limit], time=time.time(),
-                        offset=self.sent)
+                        offset=self.sent, tokens=len(self.ids) - first, token_offset=first,
+                        logprobs=None if self.logprobs is None else self.logprobs[first:])
         self.sent = limit
+        self._events_tokens = len(self.ids)
         return ev
 
     def result(self) -> RowOutput:
         if not self.done:
             self.done, self.finish_reason = True, "length"
         return RowOutput(request_id=self.req.request_id, text=self.text, output_tokens=len(self.ids),
-                         finish_reason=self.finish_reason, first_token_time=self.first_token_time)
+                         finish_reason=self.finish_reason, first_token_time=self.first_token_time,
+                         logprobs=None if self.logprobs is None else list(self.logprobs))
