@@ -6,6 +6,9 @@ is FCFS and hands out single requests (``Batch`` of size 1); it admits one to a 
 the memory reserved for ``prompt + max_tokens`` of every request admitted there still fits
 (:class:`CCBAdmission`) -- conservative because it reserves the maximum generation length.
 
+Priority: the queue is ordered by ``(priority, arrival)``; the head-of-line rule holds for the
+best request (a better-priority request that does not fit yet blocks the worse ones too).
+
 Contract with the worker: call ``next_batch(worker, now)`` whenever it could take another
 request (not only when idle); report each finished request with ``on_batch_done`` (its
 reservation is then released) or ``on_batch_oom``.
@@ -13,13 +16,12 @@ reservation is then released) or ``on_batch_oom``.
 
 from __future__ import annotations
 
-from collections import deque
-
 from scheduler.batch import Batch, BatchOutcome
 from scheduler.costmodel import default_memory
 from scheduler.memory import MemoryModel
 from scheduler.policy import Policy
 from scheduler.request import Request
+from scheduler.waitqueue import PriorityQueue
 
 
 class CCBAdmission:
@@ -73,7 +75,7 @@ class CCBAdmission:
 
 
 class CCBPolicy(Policy):
-    """FCFS single-request hand-out with conservative per-worker memory admission."""
+    """FCFS (within a priority) single-request hand-out with conservative per-worker memory admission."""
 
     name = "ccb"
     continuous = True
@@ -87,7 +89,7 @@ class CCBPolicy(Policy):
             raise ValueError("max_batch_size must be >= 1")
         self.memory = memory
         self.max_running = max_batch_size
-        self._queue: deque[Request] = deque()
+        self._queue = PriorityQueue()
         self._admission: dict[int, CCBAdmission] = {}
         self._worker_of: dict[str, int] = {}  # running request id -> worker
 
@@ -103,9 +105,9 @@ class CCBPolicy(Policy):
         self._queue.append(req)
 
     def next_batch(self, worker: int, now: float) -> Batch | None:
-        if not self._queue:
+        head = self._queue.head()  # strict FCFS: no overtaking of a head that does not fit yet
+        if head is None:
             return None
-        head = self._queue[0]  # strict FCFS: no overtaking of a head that does not fit yet
         adm = self.admission(worker)
         if not adm.admit(head):
             if adm.running or adm.need(head) <= adm.theta:
@@ -116,9 +118,9 @@ class CCBPolicy(Policy):
         return Batch(requests=[head], created=now)
 
     def next_wakeup(self, now: float) -> float | None:
-        if not self._queue:
+        head = self._queue.head()
+        if head is None:
             return None
-        head = self._queue[0]
         if not self._admission or any(a.can_admit(head) or not a.running for a in self._admission.values()):
             return now
         return None  # a completion (on_batch_done) frees memory first
@@ -142,18 +144,14 @@ class CCBPolicy(Policy):
         return super().on_batch_oom(batch, now)
 
     def requeue(self, batch: Batch, now: float) -> None:
-        """Back to the head of the queue, oldest first (they arrived before anything waiting)."""
+        """Back to the head of their priorities, oldest first (they arrived before anything waiting)."""
         for r in batch.requests:
             self.release(r.id)
         for r in sorted(batch.requests, key=lambda r: r.arrival, reverse=True):
             self._queue.appendleft(r)
 
     def cancel(self, request_id: str, now: float) -> bool:
-        for i, r in enumerate(self._queue):
-            if r.id == request_id:
-                del self._queue[i]
-                return True
-        return False
+        return self._queue.remove(request_id) is not None
 
     def waiting(self) -> int:
         return len(self._queue)

@@ -60,7 +60,7 @@ class TokenEvent:
     offset: int = 0  # where ``text`` starts in the request's whole text (a resumed row continues, a retry restarts)
     tokens: int = 0  # generated tokens since the row's previous event (inter-token latency)
     token_offset: int = 0  # index of this event's first new token in the request's output
-    logprobs: list[TokenLogprob] | None = None  # the new tokens' log-probabilities, when the request asked
+    logprobs: list[TokenLogprob | None] | None = None  # the new tokens', when asked (None: replayed ones)
 
 
 @dataclass
@@ -72,7 +72,7 @@ class RowOutput:
     output_tokens: int  # generated tokens, up to and including its end
     finish_reason: str  # "stop" (end token or stop string) | "length" (max_tokens)
     first_token_time: float | None  # wall clock of the first generated token
-    logprobs: list[TokenLogprob] | None = None  # every generated token's, when the request asked
+    logprobs: list[TokenLogprob | None] | None = None  # every generated token's, when asked (None: replayed)
 
 
 @dataclass

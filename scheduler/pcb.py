@@ -25,6 +25,15 @@
   Order-swap preemption: when the running set is full and the best waiting request's predicted
   work is ``swap_factor`` times smaller than a running request's predicted remaining work, that
   running request is preempted (each at most ``max_preemptions`` times).
+* **Priority** (``Request.priority``, lower first, as vLLM's): the waiting order is by priority
+  first, then the order above within a priority (so the starvation bound holds within a
+  priority; better-priority requests always go first, and a starving request does not block
+  better-priority ones). Order-swap preemption never moves a running request for a waiting one of
+  worse priority; among the running requests it may move (same or worse priority than the best
+  waiting one, past the swap threshold) it picks the worst priority, then the most remaining
+  work. So a better-priority request displaces a worse-priority running one only through that
+  same swap rule (no preemption on priority alone). Memory preemption also picks the worst
+  priority first, then the most remaining work.
 """
 
 from __future__ import annotations
@@ -137,13 +146,15 @@ class PredictiveContinuousPolicy(Policy):
         return response_ratio(waited_tokens, self.service_tokens(r))
 
     def _order(self, now: float) -> list[Request]:
-        """Waiting requests, best first: the starving ones (oldest first), then by response
-        ratio (ties: the least predicted work)."""
+        """Waiting requests, best first: by priority, then within a priority the starving ones
+        (oldest first), then by response ratio (ties: the least predicted work)."""
         starving = [r for r in self._waiting.values() if now - r.arrival >= self.starvation_s]
         starving.sort(key=lambda r: r.arrival)
         rest = [r for r in self._waiting.values() if now - r.arrival < self.starvation_s]
         rest.sort(key=lambda r: (-self._ratio(r, now), self.service_tokens(r), r.arrival))
-        return starving + rest
+        order = starving + rest
+        order.sort(key=lambda r: r.priority)  # stable: each priority keeps the order above
+        return order
 
     # -- policy interface ------------------------------------------------------------------------
     def budget(self, worker: int) -> _WorkerBudget:
@@ -201,17 +212,17 @@ class PredictiveContinuousPolicy(Policy):
         live = [r for r in b.running.values()]
         # memory: preempt the most remaining work until the reservations fit (never the last one)
         while b.used - sum(b.reserved.get(v.id, 0.0) for v in victims) > b.theta and len(live) > 1:
-            v = max(live, key=lambda r: (remaining_tokens(r), -r.arrival))
+            v = max(live, key=lambda r: (r.priority, remaining_tokens(r), -r.arrival))
             live.remove(v)
             victims.append(v)
-        # order: a much shorter waiting request displaces a long-running one
+        # order: a much shorter waiting request displaces a long-running one of its priority or worse
         if not victims and self.swap_factor > 0 and self._waiting and len(b.running) >= self.max_running:
             best = self._order(now)[0]
-            movable = [r for r in live if r.preemptions < self.max_preemptions]
+            bound = self.swap_factor * self.service_tokens(best)
+            movable = [r for r in live if r.preemptions < self.max_preemptions and r.priority >= best.priority
+                       and remaining_tokens(r) > bound]
             if movable:
-                v = max(movable, key=lambda r: remaining_tokens(r))
-                if remaining_tokens(v) > self.swap_factor * self.service_tokens(best):
-                    victims.append(v)
+                victims.append(max(movable, key=lambda r: (r.priority, remaining_tokens(r))))
         self.preempted += len(victims)
         return victims
 

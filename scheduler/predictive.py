@@ -9,6 +9,12 @@ All three place arrivals with the WMA assembler (predicted lengths, capped by ``
 A waiting batch is dispatchable as soon as a worker is idle (as in the paper). With
 ``min_wait > 0`` a batch that is not full waits until its oldest request has waited that long,
 so companions can join; a full or requeued (OOM half) batch is always dispatchable.
+
+Priority (``Request.priority``, lower first): a waiting batch holds requests of one priority (the
+assembler places a request only among batches of its own priority), and the batch dispatched is
+chosen by the policy's own rule among the dispatchable batches of the best priority among them.
+A better-priority batch still gathering companions (``min_wait``) does not keep a worker idle:
+a dispatchable worse-priority batch goes meanwhile. A requeued OOM half keeps its priority.
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ class PredictivePolicy(Policy):
         return self._full(b) or now >= b.since + self.min_wait
 
     def _choose(self, ready: Sequence[WaitingBatch], now: float) -> WaitingBatch:
-        """FCFS: the batch holding the earliest arrival."""
+        """FCFS: the batch holding the earliest arrival (``ready``: dispatchable, one priority)."""
         return min(ready, key=lambda b: (b.since, b.id))
 
     def next_batch(self, worker: int, now: float) -> Batch | None:
@@ -82,7 +88,8 @@ class PredictivePolicy(Policy):
             ready = list(batches)
         if not ready:
             return None
-        chosen = self._choose(ready, now)
+        best = min(b.priority for b in ready)
+        chosen = self._choose([b for b in ready if b.priority == best], now)
         return self.assembler.pop(chosen.id).to_batch()
 
     def next_wakeup(self, now: float) -> float | None:
@@ -100,8 +107,10 @@ class PredictivePolicy(Policy):
 
     def requeue(self, batch: Batch, now: float) -> None:
         """Requeue as a sealed batch (no new members: it already ran out of memory once);
-        arrival times are the requests' own, so T_w keeps counting."""
-        half = WaitingBatch(list(batch.requests), batch.created, batch.id, batch.retries, sealed=True)
+        arrival times are the requests' own, so T_w keeps counting. Its priority is its members'
+        (the best of them, should a batch ever mix priorities)."""
+        half = WaitingBatch(list(batch.requests), batch.created, batch.id, batch.retries, sealed=True,
+                            priority=min((r.priority for r in batch.requests), default=0))
         self.assembler.insert(half)
 
     def cancel(self, request_id: str, now: float) -> bool:

@@ -7,11 +7,18 @@ from collections import deque
 from scheduler.batch import Batch
 from scheduler.policy import Policy
 from scheduler.request import Request
+from scheduler.waitqueue import PriorityQueue
 
 
 class VanillaPolicy(Policy):
     """FCFS, fixed batch size; a partial batch is dispatched once its oldest request has waited
-    ``max_wait`` seconds (or at once when ``max_wait`` is 0)."""
+    ``max_wait`` seconds (or at once when ``max_wait`` is 0).
+
+    Priority: the queue is ordered by ``(priority, arrival)`` and a batch takes the best
+    ``batch_size`` requests. The wait that releases a partial batch is the oldest request's, of
+    any priority (a partial batch takes everyone waiting anyway). OOM halves and a dead worker's
+    batch go before everything, whatever their priority: they were dispatched already.
+    """
 
     name = "vs"
 
@@ -22,7 +29,7 @@ class VanillaPolicy(Policy):
             raise ValueError("max_wait must be >= 0")
         self.batch_size = batch_size
         self.max_wait = max_wait
-        self._queue: deque[Request] = deque()
+        self._queue = PriorityQueue()
         self._requeued: deque[Batch] = deque()  # OOM halves go first, as they are the oldest
 
     def on_arrival(self, req: Request, now: float) -> None:
@@ -37,7 +44,7 @@ class VanillaPolicy(Policy):
         if not self._queue:
             return None
         full = len(self._queue) >= self.batch_size
-        if not full and now < self._queue[0].arrival + self.max_wait:
+        if not full and now < self._queue.oldest_arrival() + self.max_wait:
             return None
         reqs = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
         return Batch(requests=reqs, created=now)
@@ -49,13 +56,11 @@ class VanillaPolicy(Policy):
             return None
         if len(self._queue) >= self.batch_size:
             return now
-        return self._queue[0].arrival + self.max_wait
+        return self._queue.oldest_arrival() + self.max_wait
 
     def cancel(self, request_id: str, now: float) -> bool:
-        for i, r in enumerate(self._queue):
-            if r.id == request_id:
-                del self._queue[i]
-                return True
+        if self._queue.remove(request_id) is not None:
+            return True
         for b in self._requeued:
             for i, r in enumerate(b.requests):
                 if r.id == request_id:

@@ -91,6 +91,7 @@ class WaitingBatch:
     id: int = field(default_factory=new_batch_id)
     retries: int = 0  # OOM splits so far (see Batch.retries)
     sealed: bool = False  # takes no new members (an OOM half)
+    priority: int = 0  # every member's (Request.priority): a batch holds one priority only
     max_prompt: int = 0  # L(B)
     max_gen: int = 0  # G(B), from predicted lengths capped by max_tokens
     min_useful: int = 0  # min_p U(p)
@@ -156,7 +157,8 @@ class WmaAssembler:
     """Places each arrival into the waiting batch of least WMA, or opens a new batch.
 
     A candidate counts as infinite when the grown batch would exceed ``memory`` (``MEM > Theta``)
-    or ``max_batch_size``; sealed batches take no one. Join when ``phi < Phi``.
+    or ``max_batch_size``; sealed batches take no one, nor do batches of another priority (a batch
+    holds requests of one priority, so that it can be dispatched by it). Join when ``phi < Phi``.
     """
 
     def __init__(
@@ -175,14 +177,15 @@ class WmaAssembler:
         self.tokens = 0
 
     def best(self, req: Request) -> tuple[float, WaitingBatch | None]:
-        """``(phi, B*)``: the least WMA over waiting batches with ``req`` added (inf, None if none)."""
-        prompt, gen = req.prompt_tokens, req.gen_estimate
+        """``(phi, B*)``: the least WMA over the waiting batches of ``req``'s priority with ``req``
+        added (inf, None if none)."""
+        prompt, gen, priority = req.prompt_tokens, req.gen_estimate, req.priority
         u = useful_reads(prompt, gen)
         cap = self.max_batch_size
         mem = self.memory
         best_phi, best_batch = math.inf, None
         for b in self.batches.values():
-            if b.sealed or (cap is not None and b.size >= cap):
+            if b.sealed or b.priority != priority or (cap is not None and b.size >= cap):
                 continue
             L, G = max(b.max_prompt, prompt), max(b.max_gen, gen)
             phi = (G + 1) * L + G * (G + 1) // 2 - min(b.min_useful, u)  # inline slot_reads: hot loop
@@ -194,7 +197,7 @@ class WmaAssembler:
         """Add an arrival; returns the batch it joined or opened."""
         phi, batch = self.best(req)
         if batch is None or not phi < self.phi:
-            batch = WaitingBatch(requests=[], created=now)
+            batch = WaitingBatch(requests=[], created=now, priority=req.priority)
             self.batches[batch.id] = batch
         batch.add(req)
         self._where[req.id] = batch.id

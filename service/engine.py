@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from scheduler.contract import BatchOutput, Outcome, RowOutput, TokenEvent
+from scheduler.contract import BatchOutput, Outcome, RowOutput, TokenEvent, TokenLogprob
 from scheduler.core import Dispatch, SchedulerCore
 from scheduler.policy import Policy
 from scheduler.request import Failure, FailureCode, Request, RequestStatus
@@ -26,8 +26,16 @@ from worker.process import WorkerConfig, WorkerHandle
 
 log = logging.getLogger(__name__)
 
-#: A stream's events: new text (str), the request's outcome (RowOutput), or its error (APIError).
-Event = str | RowOutput | APIError
+@dataclass
+class Delta:
+    """New output of a request: its text and, when it asked, the new tokens' logprobs."""
+
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+
+
+#: A stream's events: new output (Delta), the request's outcome (RowOutput), or its error (APIError).
+Event = Delta | RowOutput | APIError
 
 
 @dataclass(eq=False)
@@ -38,6 +46,11 @@ class Stream:
     kind: str  # chat | completion (for the request log)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     sent: int = 0  # chars delivered to the client so far (a retried or resumed row skips them)
+    sent_tokens: int = 0  # tokens whose logprobs were delivered (likewise)
+    queue_position: int = 0  # requests waiting when it arrived
+    last_token_time: float | None = None  # core clock of its latest token event (inter-token latency)
+    tokens_seen: int = 0  # generated tokens covered by its events so far (a retried row's repeats skipped)
+    itl_tokens: int = 0  # tokens observed as inter-token latency so far
 
 
 def api_error(f: Failure) -> APIError:
@@ -119,7 +132,7 @@ class Engine:
             # fixed per request, so an OOM retry replays the same text
             req.sampling = replace(req.sampling, seed=random.getrandbits(63))
         req.arrival = time.monotonic()
-        st = Stream(req, kind)
+        st = Stream(req, kind, queue_position=self.core.num_waiting)
         self._streams[req.id] = st
         self.core.add(req, req.arrival)
         self.metrics.waiting.set(self.core.num_waiting)
@@ -234,13 +247,24 @@ class Engine:
             st = self._streams.get(ev.request_id)
             if st is None:
                 continue
+            self._observe_tokens(st, ev)
             end = ev.offset + len(ev.text)
-            if end <= st.sent:
+            lps = self._new_logprobs(st, ev.logprobs, ev.token_offset)
+            if end <= st.sent and not lps:
                 continue  # already delivered before an OOM retry or a worker's death
             if st.request.first_token_at is None:
                 st.request.first_token_at = ev.time - self._wall_offset
-            st.events.put_nowait(ev.text[max(0, st.sent - ev.offset):])
-            st.sent = end
+            st.events.put_nowait(Delta(ev.text[max(0, st.sent - ev.offset):], lps))
+            st.sent = max(st.sent, end)
+
+    @staticmethod
+    def _new_logprobs(st: Stream, entries: list[TokenLogprob | None] | None, first: int) -> list[TokenLogprob] | None:
+        """The entries (for tokens ``first``...) not yet delivered; replayed (None) ones are skipped."""
+        if entries is None:
+            return None
+        new = [e for e in entries[max(0, st.sent_tokens - first):] if e is not None]
+        st.sent_tokens = max(st.sent_tokens, first + len(entries))
+        return new
 
     def _on_output(self, index: int, out: BatchOutput) -> None:
         up = self.core.update_from_output(index, out, time.monotonic())
@@ -281,9 +305,10 @@ class Engine:
         if req.status == RequestStatus.FINISHED_ERROR:
             st.events.put_nowait(api_error(req.failure))
         elif row is not None:
-            if len(row.text) > st.sent:  # anything the stream held back (e.g. around a stop string)
-                st.events.put_nowait(row.text[st.sent:])
-                st.sent = len(row.text)
+            lps = self._new_logprobs(st, row.logprobs, 0)
+            if len(row.text) > st.sent or lps:  # anything the stream held back (e.g. around a stop string)
+                st.events.put_nowait(Delta(row.text[st.sent:], lps))
+                st.sent = max(st.sent, len(row.text))
             if req.first_token_at is None and row.first_token_time is not None:
                 req.first_token_at = row.first_token_time - self._wall_offset
             st.events.put_nowait(row)
@@ -297,13 +322,7 @@ class Engine:
         status = "ok" if ok else "cancelled" if r.status == RequestStatus.FINISHED_ABORTED else "error"
         self.metrics.requests.labels(status).inc()
         if ok:
-            self.metrics.latency.observe(r.finished_at - r.arrival)
-            if r.dispatched_at is not None:
-                self.metrics.queue_time.observe(r.dispatched_at - r.arrival)
-            if r.first_token_at is not None:
-                self.metrics.ttft.observe(r.first_token_at - r.arrival)
-            self.metrics.prompt_tokens.inc(r.prompt_tokens)
-            self.metrics.generation_tokens.inc(r.output_tokens)
+            self._observe_finished(st)
             if self.observe is not None and self._loop is not None:
                 self._loop.run_in_executor(None, self.observe, r)
         error = r.failure.message if r.failure else "client disconnected" if status == "cancelled" else None
@@ -327,3 +346,38 @@ class Engine:
             prefill_s=s.prefill_s, decode_s=s.decode_s, valid_tokens=s.valid_tokens, total_tokens=s.total_tokens,
             peak_mem_bytes=s.peak_mem_bytes, oom=s.oom,
         ))
+
+    # ---- latency metrics (magnus_* and vllm:* through one call each) ----------------------------
+    def _observe_tokens(self, st: Stream, ev: TokenEvent) -> None:
+        """Inter-token latency of an event's new tokens: the gap since the stream's previous event,
+        spread evenly over them. The first event is the first token (TTFT, not ITL); tokens a
+        retried row repeats are skipped."""
+        end = ev.token_offset + ev.tokens
+        new = end - max(st.tokens_seen, ev.token_offset)
+        if new <= 0:
+            return
+        t = ev.time - self._wall_offset
+        if st.last_token_time is not None:
+            self.metrics.tokens_arrived(t - st.last_token_time, new)
+            st.itl_tokens += new
+        st.last_token_time, st.tokens_seen = t, end
+
+    def _observe_finished(self, st: Stream) -> None:
+        """Latency, queue time, TTFT, time per output token and token counts of a request that
+        finished well. Tokens no event covered (an end token has no text, a stop-string prefix is
+        held back, the first event's tokens after the first) count as inter-token latency here,
+        spread over the time since its last event, so every token after the first is counted once."""
+        r = st.request
+        first = r.first_token_at
+        rest = r.output_tokens - 1 - st.itl_tokens
+        last = st.last_token_time if st.last_token_time is not None else first
+        if rest > 0 and last is not None:
+            self.metrics.tokens_arrived(r.finished_at - last, rest)
+            st.itl_tokens += rest
+        self.metrics.request_finished(
+            latency=r.finished_at - r.arrival,
+            queue_time=None if r.dispatched_at is None else r.dispatched_at - r.arrival,
+            ttft=None if first is None else first - r.arrival,
+            prompt_tokens=r.prompt_tokens, output_tokens=r.output_tokens,
+            finish_reason="length" if r.status == RequestStatus.FINISHED_LENGTH else "stop",
+            decode_time=None if first is None else r.finished_at - first)

@@ -23,6 +23,11 @@ class ModelInfo:
     dtype_bytes: int
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model can produce: the larger of the embedding rows and the tokenizer's ids."""
+        return max(int(getattr(self.config, "vocab_size", 0) or 0), len(self.tokenizer))
+
     def encode_chat(self, messages: list[dict[str, str]], user_text: str) -> tuple[list[int], int]:
         """Prompt ids of a chat (the tokenizer's chat template) and the user text's token count."""
         if self.tokenizer.chat_template:

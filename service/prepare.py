@@ -9,9 +9,50 @@ import uuid
 
 from scheduler.request import Request, SamplingParams
 from service.errors import APIError
+from service.model import worker_mode
 from service.predictbatch import PredictionBatcher
 from service.protocol import ChatCompletionRequest, CompletionRequest
 from service.state import Serving
+
+
+def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, vocab: int,
+                    runner: str) -> SamplingParams:
+    """The core's sampling settings of a validated body; 400 for what the served model or worker cannot do."""
+    def token_id(t: int | str, param: str) -> int:
+        i = int(t)
+        if not 0 <= i < vocab:
+            raise APIError(400, f"token id {i} is outside the vocabulary (0..{vocab - 1})", param=param)
+        return i
+
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                       param="min_tokens")
+    logprobs = None
+    if isinstance(body, ChatCompletionRequest):
+        if body.logprobs:
+            logprobs = body.top_logprobs or 0
+    else:
+        logprobs = body.logprobs
+    sp = SamplingParams(
+        temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=tuple(body.stop or ()),
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias=tuple((token_id(k, "logit_bias"), v) for k, v in (body.logit_bias or {}).items()),
+        min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+        stop_token_ids=tuple(token_id(t, "stop_token_ids") for t in body.stop_token_ids or ()),
+        logprobs=logprobs,
+    )
+    if runner == "transformers":
+        # transformers' continuous-batching manager takes one generation config for every request
+        asked = [name for name, on in (
+            ("logprobs", logprobs is not None), ("logit_bias", bool(sp.logit_bias)),
+            ("presence_penalty", bool(sp.presence_penalty)), ("frequency_penalty", bool(sp.frequency_penalty)),
+            ("repetition_penalty", sp.repetition_penalty != 1.0), ("min_tokens", bool(sp.min_tokens)),
+            ("ignore_eos", sp.ignore_eos), ("stop_token_ids", bool(sp.stop_token_ids))) if on]
+        if asked:
+            raise APIError(400, f"{asked[0]} is not supported on transformers' continuous-batching runner "
+                                "(start the server with --continuous-runner iteration)", param=asked[0])
+    return sp
 
 
 async def prepare(sv: Serving, body: CompletionRequest | ChatCompletionRequest, prompt: str | None = None) -> Request:
@@ -46,8 +87,8 @@ async def prepare(sv: Serving, body: CompletionRequest | ChatCompletionRequest, 
     req = Request(
         id=f"{prefix}-{uuid.uuid4().hex}", prompt_tokens=len(prompt_ids), max_tokens=max_tokens, arrival=0.0,
         prompt_ids=prompt_ids, app_text=app_text, user_text=user_text, input_tokens=input_tokens,
-        sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                                stop=tuple(body.stop or ())),
+        sampling=sampling_params(body, max_tokens, info.vocab_size,
+                                 worker_mode(sv.engine.policy.runner, sv.state.settings.continuous_runner)), priority=body.priority,
     )
     learners = sv.state.learners
     if learners is not None and learners.predictor is not None and sv.engine.policy.needs_prediction:

@@ -19,15 +19,33 @@ class _SamplingParams(BaseModel):
     max_tokens: int | None = Field(None, gt=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: int = Field(1, ge=1, le=64, description="choices per prompt (each a row of its own)")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="int64, as in vLLM")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (0 only)")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (0 only)")
-    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    # vLLM's extensions
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    priority: int = Field(0, description="lower is served earlier (vLLM's convention)")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return None
+        for key, val in v.items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100.0 <= val <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {val}")
+        return v
 
     @field_validator("temperature")
     @classmethod
@@ -54,8 +72,8 @@ class CompletionRequest(_SamplingParams):
     prompt: str | list[str]
     instruction: str | None = None
     max_tokens: int | None = Field(16, gt=0)
-    echo: bool = Field(False, description="not supported")
-    logprobs: int | None = Field(None, le=0, description="not supported")
+    echo: bool = Field(False, description="the prompt is returned before the completion")
+    logprobs: int | None = Field(None, ge=0, le=5, description="the k most likely tokens' logprobs (OpenAI: up to 5)")
     suffix: str | None = Field(None, max_length=0, description="not supported")
 
     @field_validator("prompt")
@@ -65,12 +83,15 @@ class CompletionRequest(_SamplingParams):
             raise ValueError("prompt list must not be empty")
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
+    @model_validator(mode="after")
+    def _echo(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo together with logprobs (the prompt's logprobs) is not supported")
+        return self
+
+    @property
+    def top_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -98,19 +119,15 @@ class ChatCompletionRequest(_SamplingParams):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, gt=0)
-    logprobs: bool = Field(False, description="not supported")
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("logprobs is not supported")
-        return v
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _limit(self) -> ChatCompletionRequest:
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true")
         return self
 
 
@@ -129,11 +146,33 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -149,7 +188,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: dict[str, str]  # {"role": "assistant", "content": ""} first, then {"content": ...}, {} at the end
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -165,7 +204,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

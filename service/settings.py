@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     max_waiting_requests: int = Field(0, description="waiting requests past which new ones get 429 (0: no limit, as in vLLM; the Docker image sets 1024)")
     max_waiting_tokens: int = Field(0, description="waiting prompt+max_tokens past which new requests get 429 (0: no limit)")
     retry_after_s: float = Field(1.0, description="Retry-After sent with 429 and 503 answers")
+    prediction_headers: bool = Field(True, description="completion responses carry x-magnus-predicted-tokens, x-magnus-predicted-tokens-high and x-magnus-queue-position headers (one value per choice, comma-separated)")
     max_request_bytes: int = Field(4 * 1024 * 1024, description="largest request body; larger ones get 413")
     request_timeout_s: float = Field(0.0, description="per-request deadline from arrival to the last token; past it 504 and the request is cancelled (0: none, as in vLLM; the Docker image sets 600)")
     shutdown_timeout_s: float = Field(30.0, description="on SIGTERM: how long waiting requests may still be served before they get 503; running batches always finish")

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import Request as HTTPRequest
 
-from scheduler.contract import RowOutput
+from scheduler.contract import RowOutput, TokenLogprob
 from service import limits
-from service.engine import Engine, Stream
+from service.engine import Delta, Engine, Stream
 from service.errors import APIError
+from service.logprobs import chat_logprobs, completion_logprobs
 from service.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -34,11 +36,13 @@ def expire(streams: list[Stream], eng: Engine, timeout_s: float) -> APIError:
 
 
 async def collect(st: Stream, http: HTTPRequest, eng: Engine, deadline: float | None, group: list[Stream],
-                  timeout_s: float) -> tuple[str, RowOutput]:
-    """The request's whole text and outcome; raises its APIError. Cancels it if the client
-    disconnects first, and the whole ``group`` (one HTTP request's prompts) at ``deadline`` (loop time)."""
+                  timeout_s: float) -> tuple[str, RowOutput, list[TokenLogprob]]:
+    """The request's whole text, outcome and logprobs (empty unless asked); raises its APIError.
+    Cancels it if the client disconnects first, and the whole ``group`` (one HTTP request's
+    prompts) at ``deadline`` (loop time)."""
     loop = asyncio.get_running_loop()
     text: list[str] = []
+    lps: list[TokenLogprob] = []
     next_check = loop.time() + _DISCONNECT_CHECK_S
     expired = False
     while True:
@@ -58,46 +62,70 @@ async def collect(st: Stream, http: HTTPRequest, eng: Engine, deadline: float | 
             ev = await asyncio.wait_for(st.events.get(), timeout=max(timeout, 0.001))
         except TimeoutError:
             continue
-        if isinstance(ev, str):
-            text.append(ev)
+        if isinstance(ev, Delta):
+            text.append(ev.text)
+            lps.extend(ev.logprobs or ())
         elif isinstance(ev, APIError):
             raise ev
         else:
-            return "".join(text), ev
+            return "".join(text), ev, lps
 
 
 def _sse(body: ChatCompletionChunk | CompletionResponse) -> str:
     return f"data: {body.model_dump_json()}\n\n"
 
 
-async def sse(streams: list[Stream], eng: Engine, chat: bool, include_usage: bool, model: str, rid: str,
-              deadline: float | None, timeout_s: float) -> AsyncIterator[str]:
+@dataclass
+class Shape:
+    """How one HTTP request's streams become choices."""
+
+    chat: bool
+    model: str
+    rid: str
+    include_usage: bool = False
+    n: int = 1  # choices per prompt: streams[i] is prompt i // n (its prompt tokens count once)
+    echo: list[str] | None = None  # completions: each choice's prompt, sent before its text
+    logprobs: int | None = None  # None: no logprobs; else the k most likely tokens per token
+
+
+async def sse(streams: list[Stream], eng: Engine, shape: Shape, deadline: float | None,
+              timeout_s: float) -> AsyncIterator[str]:
     """The requests' events as OpenAI chunks (choice ``i`` is ``streams[i]``), ending with ``[DONE]``."""
     loop = asyncio.get_running_loop()
     merged: asyncio.Queue = asyncio.Queue()
+    chat, rid, model = shape.chat, shape.rid, shape.model
+    token_pos = [len(e) for e in shape.echo] if shape.echo else [0] * len(streams)
 
     async def pump(i: int, st: Stream) -> None:
         while True:
             ev = await st.events.get()
             await merged.put((i, ev))
-            if not isinstance(ev, str):
+            if not isinstance(ev, Delta):
                 return
 
-    def chunk(i: int, text: str | None, finish: str | None) -> str:
+    def chunk(i: int, text: str | None, finish: str | None, lps: list[TokenLogprob] | None = None) -> str:
+        want = shape.logprobs is not None and lps is not None
         if chat:
             delta = {} if text is None else {"content": text}
-            return _sse(ChatCompletionChunk(id=rid, model=model, choices=[
-                ChatChunkChoice(index=i, delta=delta, finish_reason=finish)]))
+            return _sse(ChatCompletionChunk(id=rid, model=model, choices=[ChatChunkChoice(
+                index=i, delta=delta, finish_reason=finish, logprobs=chat_logprobs(lps) if want else None)]))
+        lp = None
+        if want:
+            lp = completion_logprobs(lps, token_pos[i], shape.logprobs)
+            token_pos[i] += sum(len(e.token) for e in lps)
         return _sse(CompletionResponse(id=rid, model=model, choices=[
-            CompletionChoice(index=i, text=text or "", finish_reason=finish)]))
+            CompletionChoice(index=i, text=text or "", finish_reason=finish, logprobs=lp)]))
 
     tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
     open_ = len(streams)
     usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
     try:
-        if chat:
-            yield _sse(ChatCompletionChunk(id=rid, model=model, choices=[
-                ChatChunkChoice(index=0, delta={"role": "assistant", "content": ""})]))
+        for i in range(len(streams)):
+            if chat:
+                yield _sse(ChatCompletionChunk(id=rid, model=model, choices=[
+                    ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})]))
+            elif shape.echo and shape.echo[i]:
+                yield chunk(i, shape.echo[i], None)
         while open_:
             try:
                 left = None if deadline is None else max(0.0, deadline - loop.time())
@@ -105,8 +133,8 @@ async def sse(streams: list[Stream], eng: Engine, chat: bool, include_usage: boo
             except TimeoutError:
                 yield expire(streams, eng, timeout_s).sse()
                 break
-            if isinstance(ev, str):
-                yield chunk(i, ev, None)
+            if isinstance(ev, Delta):
+                yield chunk(i, ev.text, None, ev.logprobs)
             elif isinstance(ev, APIError):
                 yield ev.sse()
                 for st in streams:
@@ -114,11 +142,12 @@ async def sse(streams: list[Stream], eng: Engine, chat: bool, include_usage: boo
                 break
             else:
                 open_ -= 1
-                usage.prompt_tokens += streams[i].request.prompt_tokens
+                if i % shape.n == 0:
+                    usage.prompt_tokens += streams[i].request.prompt_tokens
                 usage.completion_tokens += ev.output_tokens
                 yield chunk(i, None, ev.finish_reason)
         else:
-            if include_usage:
+            if shape.include_usage:
                 usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
                 yield _sse(ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage) if chat
                            else CompletionResponse(id=rid, model=model, choices=[], usage=usage))

@@ -45,7 +45,8 @@ from scheduler.contract import (
     WorkItem,
 )
 from worker.loops import is_looping
-from worker.runner import BatchRunner, InjectedOOM, is_oom
+from worker.runner import InjectedOOM, is_oom
+from worker.sampling import sample
 from worker.text import RequestText, eos_ids_of
 
 
@@ -187,7 +188,7 @@ class IterationRunner:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                          use_cache=True, **self._last_logits_only)
         prefill_s = time.perf_counter() - t0
-        next_ids = BatchRunner._sample(out.logits[:, -1, :], [r.text for r in new], [r.gen for r in new])
+        next_ids, lps = sample(out.logits[:, -1, :], [r.text for r in new], [r.gen for r in new])
         pos = torch.tensor([len(s) for s in seqs], dtype=torch.long, device=self.device)
         if self.cache is None:
             self.cache, self.mask, self.pos, self.next_ids = out.past_key_values, mask, pos, next_ids
@@ -203,7 +204,7 @@ class IterationRunner:
             r.prefill_s = prefill_s
         self.rows.extend(new)
         self._pending_on_error = []
-        self._after_tokens(self.rows[-len(new):], next_ids, offset=len(self.rows) - len(new))
+        self._after_tokens(self.rows[-len(new):], next_ids, lps, offset=len(self.rows) - len(new))
 
     def _decode(self) -> None:
         n = len(self.rows)
@@ -213,19 +214,18 @@ class IterationRunner:
                          position_ids=self.pos.view(n, 1), past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
         self.pos = self.pos + 1
-        self.next_ids = BatchRunner._sample(out.logits[:, -1, :], [r.text for r in self.rows],
-                                            [r.gen for r in self.rows])
+        self.next_ids, lps = sample(out.logits[:, -1, :], [r.text for r in self.rows], [r.gen for r in self.rows])
         self.steps += 1
-        self._after_tokens(self.rows, self.next_ids, offset=0)
+        self._after_tokens(self.rows, self.next_ids, lps, offset=0)
         if self.rows and self.steps % self.progress_every == 0:
             self._progress()
 
-    def _after_tokens(self, rows: list[_Row], ids: torch.Tensor, offset: int) -> None:
+    def _after_tokens(self, rows: list[_Row], ids: torch.Tensor, lps: list, offset: int) -> None:
         """Append each row's new token, stream the text, and retire rows that ended."""
         now = time.time()
         events: list[TokenEvent] = []
         for j, row in enumerate(rows):
-            row.text.append(int(ids[j]), now)
+            row.text.append(int(ids[j]), now, lps[j])
             ev = row.text.flush()
             if ev is not None:
                 events.append(ev)

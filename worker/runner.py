@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from scheduler.contract import BatchOutput, BatchStats, Outcome, RowOutput, TokenEvent, WorkBatch
+from worker.sampling import sample
 from worker.text import RequestText, eos_ids_of
 
 
@@ -144,13 +145,13 @@ class BatchRunner:
         steps = row_steps = 0
         t1 = time.perf_counter()
         while True:
-            next_ids = self._sample(logits, [rows[i] for i in live], [generators[i] for i in live])
+            next_ids, lps = sample(logits, [rows[i] for i in live], [generators[i] for i in live])
             steps += 1
             row_steps += len(live)
             now = time.time()
             events: list[TokenEvent] = []
             for j, i in enumerate(live):
-                rows[i].append(int(next_ids[j]), now)
+                rows[i].append(int(next_ids[j]), now, lps[j])
                 ev = rows[i].flush()
                 if ev is not None:
                     events.append(ev)
@@ -199,25 +200,3 @@ class BatchRunner:
             peak_mem_bytes=self._peak(), start_time=start, end_time=time.time(),
         )
         return BatchOutput(batch_id=batch.batch_id, outcome=Outcome.OK, rows=results, stats=stats)
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, rows: list[RequestText], generators: list[torch.Generator | None]) -> torch.Tensor:
-        """Greedy for temperature 0; else temperature + nucleus sampling, vectorised over the
-        sampled rows on the model's device. Each row draws its uniform from its own seeded
-        generator (inverse-CDF sampling), so a row's tokens depend on its seed, not its batch."""
-        next_ids = logits.argmax(dim=-1)
-        idx = [i for i, g in enumerate(generators) if g is not None and not rows[i].done]
-        if idx:
-            dev = logits.device
-            sel = torch.tensor(idx, device=dev)
-            temps = torch.tensor([rows[i].req.sampling.temperature for i in idx], device=dev)
-            top_p = torch.tensor([rows[i].req.sampling.top_p for i in idx], device=dev)
-            probs = torch.softmax(logits[sel].float() / temps[:, None], dim=-1)
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            keep = (sorted_p.cumsum(-1) - sorted_p) < top_p[:, None]
-            keep[:, 0] = True  # the top token always (a top_p below float32's range would keep none)
-            cum = (sorted_p * keep).cumsum(-1)
-            u = torch.cat([torch.rand(1, generator=generators[i]) for i in idx]).to(dev) * cum[:, -1]
-            pick = torch.searchsorted(cum, u[:, None].contiguous()).clamp(max=cum.shape[-1] - 1)
-            next_ids[sel] = order.gather(1, pick).squeeze(1)
-        return next_ids.cpu()

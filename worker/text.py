@@ -36,7 +36,8 @@ class RequestText:
         sp = req.sampling
         self.end_ids = set() if sp.ignore_eos else set(eos_ids)  # tokens that end the row
         self.end_ids |= set(sp.stop_token_ids)
-        self.logprobs: list[TokenLogprob] | None = [] if sp.logprobs is not None else None
+        # one entry per id (None for tokens replayed after a preemption: they were reported then)
+        self.logprobs: list[TokenLogprob | None] | None = [] if sp.logprobs is not None else None
         self._events_tokens = 0  # ids[:_events_tokens] were covered by an event already
         self.sampler_state: object | None = None  # the sampler's per-row state (penalty counts)
 
@@ -51,7 +52,7 @@ class RequestText:
         if self.done:
             return
         self.ids.append(token)
-        if self.logprobs is not None and logprob is not None:
+        if self.logprobs is not None:
             self.logprobs.append(logprob)
         if self.first_token_time is None:
             self.first_token_time = now
