@@ -33,6 +33,7 @@ class FailureCode(enum.StrEnum):
     GENERATION_FAILED = "generation_failed"  # the worker raised while running its batch
     TIMEOUT = "request_timeout"  # past the server's request timeout
     SHUTTING_DOWN = "shutting_down"  # still waiting when the server stopped
+    RETRY_DIVERGED = "retry_diverged"  # a retried batch did not reproduce the text already streamed
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ class Stream:
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     sent: int = 0  # chars delivered to the client so far (a retried or resumed row skips them)
     sent_tokens: int = 0  # tokens whose logprobs were delivered (likewise)
+    streaming: bool = False  # the client reads the text as it comes (a retry must not splice it)
+    delivered: list[str] = field(default_factory=list)  # the text delivered so far, in pieces
     queue_position: int = 0  # requests waiting when it arrived
     last_token_time: float | None = None  # core clock of its latest token event (inter-token latency)
     tokens_seen: int = 0  # generated tokens covered by its events so far (a retried row's repeats skipped)
@@ -126,13 +128,13 @@ class Engine:
             self.cancel(st.request.id, APIError(503, "server shutting down", code="shutting_down"))
 
     # ---- requests --------------------------------------------------------------------------
-    def submit(self, req: Request, kind: str) -> Stream:
+    def submit(self, req: Request, kind: str, streaming: bool = False) -> Stream:
         """Queue a request (its ``arrival`` is set now); its events arrive on the returned stream."""
         if req.sampling.temperature > 0 and req.sampling.seed is None:
             # fixed per request, so an OOM retry replays the same text
             req.sampling = replace(req.sampling, seed=random.getrandbits(63))
         req.arrival = time.monotonic()
-        st = Stream(req, kind, queue_position=self.core.num_waiting)
+        st = Stream(req, kind, queue_position=self.core.num_waiting, streaming=streaming)
         self._streams[req.id] = st
         self.core.add(req, req.arrival)
         self.metrics.waiting.set(self.core.num_waiting)
@@ -249,13 +251,40 @@ class Engine:
                 continue
             self._observe_tokens(st, ev)
             end = ev.offset + len(ev.text)
+            if ev.offset < st.sent and not self._reproduces(st, ev.offset, ev.text):
+                self.cancel(st.request.id, self._diverged(st))
+                continue
             lps = self._new_logprobs(st, ev.logprobs, ev.token_offset)
             if end <= st.sent and not lps:
                 continue  # already delivered before an OOM retry or a worker's death
             if st.request.first_token_at is None:
                 st.request.first_token_at = ev.time - self._wall_offset
-            st.events.put_nowait(Delta(ev.text[max(0, st.sent - ev.offset):], lps))
-            st.sent = max(st.sent, end)
+            self._deliver(st, ev.text[max(0, st.sent - ev.offset):], lps)
+
+    @staticmethod
+    def _deliver(st: Stream, text: str, lps: list[TokenLogprob] | None) -> None:
+        st.events.put_nowait(Delta(text, lps))
+        if text:
+            st.delivered.append(text)
+            st.sent += len(text)
+
+    def _reproduces(self, st: Stream, offset: int, text: str) -> bool:
+        """Whether a retried or resumed row's ``text`` (from ``offset``) agrees with what the
+        client was already sent; a streaming request whose retry diverged fails (500) rather
+        than receive spliced text. A non-streaming one is answered with the final run's text."""
+        if not st.streaming:
+            return True
+        sent = "".join(st.delivered)
+        st.delivered = [sent]
+        overlap = min(len(sent) - offset, len(text))
+        return sent[offset:offset + overlap] == text[:overlap]
+
+    @staticmethod
+    def _diverged(st: Stream) -> APIError:
+        log.warning("request %s: its retry diverged from the %d characters already streamed", st.request.id, st.sent)
+        return APIError(500, "the request's batch was retried (out of memory or a worker failure) and the retry did "
+                             "not reproduce the text already streamed; retry the request", type_="server_error",
+                        code=FailureCode.RETRY_DIVERGED.value)
 
     @staticmethod
     def _new_logprobs(st: Stream, entries: list[TokenLogprob | None] | None, first: int) -> list[TokenLogprob] | None:
@@ -305,10 +334,15 @@ class Engine:
         if req.status == RequestStatus.FINISHED_ERROR:
             st.events.put_nowait(api_error(req.failure))
         elif row is not None:
+            if not self._reproduces(st, 0, row.text):
+                err = self._diverged(st)
+                req.status, req.failure = RequestStatus.FINISHED_ERROR, Failure(FailureCode(err.code), err.message)
+                st.events.put_nowait(err)
+                self._close(st)
+                return
             lps = self._new_logprobs(st, row.logprobs, 0)
             if len(row.text) > st.sent or lps:  # anything the stream held back (e.g. around a stop string)
-                st.events.put_nowait(Delta(row.text[st.sent:], lps))
-                st.sent = max(st.sent, len(row.text))
+                self._deliver(st, row.text[st.sent:], lps)
             if req.first_token_at is None and row.first_token_time is not None:
                 req.first_token_at = row.first_token_time - self._wall_offset
             st.events.put_nowait(row)

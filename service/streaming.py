@@ -38,10 +38,10 @@ def expire(streams: list[Stream], eng: Engine, timeout_s: float) -> APIError:
 async def collect(st: Stream, http: HTTPRequest, eng: Engine, deadline: float | None, group: list[Stream],
                   timeout_s: float) -> tuple[str, RowOutput, list[TokenLogprob]]:
     """The request's whole text, outcome and logprobs (empty unless asked); raises its APIError.
+    The text is the final run's (a retried batch's own, never spliced onto an earlier run's).
     Cancels it if the client disconnects first, and the whole ``group`` (one HTTP request's
     prompts) at ``deadline`` (loop time)."""
     loop = asyncio.get_running_loop()
-    text: list[str] = []
     lps: list[TokenLogprob] = []
     next_check = loop.time() + _DISCONNECT_CHECK_S
     expired = False
@@ -63,12 +63,13 @@ async def collect(st: Stream, http: HTTPRequest, eng: Engine, deadline: float | 
         except TimeoutError:
             continue
         if isinstance(ev, Delta):
-            text.append(ev.text)
             lps.extend(ev.logprobs or ())
         elif isinstance(ev, APIError):
             raise ev
         else:
-            return "".join(text), ev, lps
+            if ev.logprobs is not None and all(e is not None for e in ev.logprobs):
+                lps = list(ev.logprobs)  # the final run's (a resumed row's replayed tokens are None)
+            return ev.text, ev, lps
 
 
 def _sse(body: ChatCompletionChunk | CompletionResponse) -> str:

@@ -116,12 +116,14 @@ class BatchRunner:
         steps_allowed = max(r.max_tokens for r in reqs)
         self._check_cap(size, max_prompt + 1)
         input_ids = torch.full((size, max_prompt), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((size, max_prompt), dtype=torch.long)
+        # the attention mask of every step, allocated once (decode steps use a growing view of it)
+        full_mask = torch.zeros((size, max_prompt + steps_allowed), dtype=torch.long)
         for i, r in enumerate(reqs):
             n = len(r.prompt_ids)
             input_ids[i, max_prompt - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[i, max_prompt - n :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            full_mask[i, max_prompt - n :] = 1
+        input_ids, full_mask = input_ids.to(self.device), full_mask.to(self.device)
+        mask = full_mask[:, :max_prompt]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         rows = [RequestText(r, self.tok, self.eos_ids) for r in reqs]
         generators: list[torch.Generator | None] = []
@@ -174,11 +176,11 @@ class BatchRunner:
                 keep = [j for j, i in enumerate(live) if i not in gone]
                 index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)
-                mask, positions, next_ids = mask[index], positions[index], next_ids[keep]
+                full_mask, positions, next_ids = full_mask[index], positions[index], next_ids[keep]
                 live = [live[j] for j in keep]
             n = len(live)
             self._check_cap(n, max_prompt + steps + 1)
-            mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
+            mask = full_mask[:, :max_prompt + steps]  # prompt + the tokens fed so far, this one included
             positions = positions[:, -1:] + 1
             out = self.model(
                 input_ids=next_ids.view(n, 1).to(self.device),

@@ -88,7 +88,7 @@ async def _generate(sv: Serving, body: CompletionRequest | ChatCompletionRequest
     sv = serving(sv.state)  # draining may have begun meanwhile
     limits.admit(sv.engine.policy, settings, metrics, len(reqs), sum(r.prompt_tokens + r.max_tokens for r in reqs))
     kind = "chat" if chat else "completion"
-    streams = [sv.engine.submit(r, kind) for r in reqs]
+    streams = [sv.engine.submit(r, kind, body.stream) for r in reqs]
     rid, model = reqs[0].id, sv.info.name
     echo = [p for p in prompts for _ in range(n)] if not chat and body.echo else None
     k = body.top_logprobs if not chat else (body.top_logprobs or 0) if body.logprobs else None
