@@ -13,7 +13,7 @@ from service.engine import Engine
 from service.metrics import Metrics
 from service.model import load_model_info, worker_configs
 from service.requestlog import RequestLog
-from service.routers import openai, ops
+from service.routers import openai, ops, tokenize
 from service.settings import Settings
 from service.state import AppState
 
@@ -25,17 +25,28 @@ async def _load(state: AppState) -> None:
     settings = state.settings
     try:
         state.info = await asyncio.to_thread(load_model_info, settings)
+        state.metrics.set_model_name(state.info.name)  # the vllm:* series' model_name label
         state.request_log = RequestLog(settings.db_path)
         built = state.learners = await asyncio.to_thread(learners.build, settings, state.info)
         observe = built.observe if built.predictor is not None else None
-        engine = Engine(built.policy, worker_configs(settings, state.info), state.request_log, state.metrics,
-                        state.info.name, observe=observe)
+        configs, factory, rw = worker_configs(settings, state.info), None, None
+        if settings.workers == "ray":
+            from service.cluster import ray_workers
+
+            rw = await asyncio.to_thread(ray_workers, settings, state.info, configs[0])
+            configs, factory = rw.configs(), rw.factory()
+        engine = Engine(built.policy, configs, state.request_log, state.metrics, state.info.name, observe=observe,
+                        handle_factory=factory)
         if built.predictor is not None and built.predictor.can_repredict and built.policy.continuous:
             engine.core.repredict = built.repredict
         await engine.start()
         state.metrics.bind_learners(built.predictor.stats if built.predictor is not None else None, built.estimator)
         built.start(settings.estimator_interval_s)
         state.engine = engine
+        if rw is not None and (not settings.ray_max_workers or settings.ray_max_workers > engine.num_workers):
+            from service.cluster import grow
+
+            state.background.append(asyncio.create_task(grow(engine, rw, settings)))
         log.info("serving %s with policy %s", state.info.name, built.policy.name)
     except Exception as exc:  # noqa: BLE001 - reported through /health and the log
         log.exception("start-up failed")
@@ -51,6 +62,8 @@ def create_app(settings: Settings) -> FastAPI:
         task = asyncio.create_task(_load(state))
         yield
         task.cancel()
+        for t in state.background:
+            t.cancel()
         if state.engine is not None:
             await state.engine.stop()
         if state.learners is not None:
@@ -67,4 +80,5 @@ def create_app(settings: Settings) -> FastAPI:
     guard = auth.dependencies(settings.api_keys, state.metrics)  # empty without --api-key
     app.include_router(ops.router, dependencies=guard if settings.auth_health_metrics else [])
     app.include_router(openai.router, dependencies=guard)
+    app.include_router(tokenize.router, dependencies=guard)
     return app

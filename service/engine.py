@@ -75,6 +75,7 @@ class Engine:
         metrics: Metrics,
         model_name: str,
         observe: Callable[[Request], None] | None = None,
+        handle_factory: Callable[[int, WorkerConfig, Callable[[int, str, Any], None]], Any] | None = None,
     ) -> None:
         self.policy = policy
         self.log = request_log
@@ -83,7 +84,8 @@ class Engine:
         self.observe = observe  # learners' hook, run in a thread with each completed request
         self.core = SchedulerCore(policy, [c.mode != "static" for c in worker_configs])
         self._streams: dict[str, Stream] = {}
-        self._handles = [WorkerHandle(i, c, self._from_thread) for i, c in enumerate(worker_configs)]
+        self._new_handle = handle_factory or WorkerHandle
+        self._handles = [self._new_handle(i, c, self._from_thread) for i, c in enumerate(worker_configs)]
         self._info: list[dict[str, Any]] = [{} for _ in worker_configs]
         self._loaded = [False] * len(worker_configs)
         self._wall_offset = time.time() - time.monotonic()  # core clock (monotonic) -> wall clock
@@ -109,6 +111,20 @@ class Engine:
         await self._ready.wait()
         if self._fatal:
             raise RuntimeError(f"worker failed to start:\n{self._fatal}")
+
+    def add_worker(self, cfg: WorkerConfig) -> int:
+        """Start one more worker (a node joined the cluster); it takes work once it has loaded."""
+        index = self.core.add_worker(cfg.mode != "static")
+        self._handles.append(self._new_handle(index, cfg, self._from_thread))
+        self._info.append({})
+        self._loaded.append(False)
+        self._handles[index].start()
+        log.info("worker %d added", index)
+        return index
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._handles)
 
     @property
     def ready(self) -> bool:

@@ -174,7 +174,7 @@ def test_compose_config_is_valid() -> None:
     base = subprocess.run(cmd + ["config", "--format", "json"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert base.returncode == 0, base.stderr
     cfg = json.loads(base.stdout)
-    assert set(cfg["services"]) == {"magnus", "prometheus"}  # the GPU service only with its profile
+    assert set(cfg["services"]) == {"magnus", "prometheus", "grafana"}  # the GPU service only with its profile
     svc = cfg["services"]["magnus"]
     assert svc["init"] is True and svc["build"]["args"]["TORCH_VARIANT"] == "cpu"
     assert all(p["host_ip"] == "127.0.0.1" for p in svc["ports"]), svc["ports"]
@@ -196,6 +196,23 @@ def test_compose_config_is_valid() -> None:
     assert job["metrics_path"] == "/metrics"
     host, port = job["static_configs"][0]["targets"][0].split(":")
     assert host in cfg["services"] and int(port) == 8000  # the service name and its container port
+
+    graf = cfg["services"]["grafana"]
+    image, _, tag = graf["image"].partition(":")
+    assert image == "grafana/grafana-oss" and tag[:1].isdigit(), graf["image"]  # a pinned release
+    assert [(p["host_ip"], p["target"]) for p in graf["ports"]] == [("127.0.0.1", 3000)]
+    mounts = {v["target"]: v for v in graf["volumes"] if v["type"] == "bind"}
+    assert all(v["read_only"] for v in mounts.values()), mounts
+    prov = Path(mounts["/etc/grafana/provisioning"]["source"])
+    ds = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    host, port = ds["url"].removeprefix("http://").split(":")
+    assert host == "prometheus" and int(port) == prom["ports"][0]["target"] == 9090
+    provider = yaml.safe_load((prov / "dashboards" / "magnus.yml").read_text())["providers"][0]
+    dashboards = Path(mounts[provider["options"]["path"]]["source"])  # the provider reads the mounted folder
+    dash = json.loads((dashboards / "magnus.json").read_text())
+    assert graf["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == provider["options"]["path"] + "/magnus.json"
+    ds_var = next(v for v in dash["templating"]["list"] if v["type"] == "datasource")
+    assert ds_var["current"]["value"] == ds["uid"]  # panels default to the provisioned data source
 
 
 # ---- settings and auth in-process (no model: the app's routes answer before loading ends) ----------
