@@ -133,6 +133,16 @@ class SchedulerCore:
         return sum(1 for r in self._requests.values() if r.status == RequestStatus.RUNNING)
 
     # -- workers ---------------------------------------------------------------------------------
+    def add_worker(self, continuous: bool) -> int:
+        """A worker joined (e.g. a new node of a cluster): its index; it is not ready until loaded."""
+        self._workers.append(_Worker(continuous))
+        self._workers[-1].ready = False
+        return len(self._workers) - 1
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._workers)
+
     def set_ready(self, worker: int, ready: bool) -> None:
         """A worker finished loading (True), or is unavailable for now (False)."""
         self._workers[worker].ready = ready

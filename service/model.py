@@ -30,13 +30,27 @@ class ModelInfo:
 
     def encode_chat(self, messages: list[dict[str, str]], user_text: str) -> tuple[list[int], int]:
         """Prompt ids of a chat (the tokenizer's chat template) and the user text's token count."""
+        return self.chat_ids(messages), len(self.tokenizer.encode(user_text, add_special_tokens=False))
+
+    def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                 continue_final_message: bool = False, add_special_tokens: bool | None = None) -> list[int]:
+        """Prompt ids of a chat; the defaults give what a chat completion feeds the model.
+
+        With a chat template: its text, encoded with no special tokens of the tokenizer's own on top
+        unless ``add_special_tokens``. A base model without a template: plain "role: content" lines
+        and "assistant: ", encoded with the tokenizer's special tokens unless ``add_special_tokens``
+        is False. ``continue_final_message`` leaves the last message open (no generation prompt)."""
         if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        else:  # a base model without a template: plain "role: content" lines
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-            ids = self.tokenizer.encode(text)
-        return ids, len(self.tokenizer.encode(user_text, add_special_tokens=False))
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=False)
+            return self.tokenizer.encode(text, add_special_tokens=bool(add_special_tokens))
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        if continue_final_message:
+            text = text.removesuffix("\n")
+        elif add_generation_prompt:
+            text += "assistant: "
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens is not False)
 
     def encode_text(self, prompt: str, user_text: str) -> tuple[list[int], int]:
         ids = self.tokenizer.encode(prompt) if prompt else []
