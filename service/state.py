@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -29,6 +30,7 @@ class AppState:
     error: str | None = None  # why start-up failed
     draining: bool = False  # set on SIGTERM (service/shutdown.py): new requests get 503
     cpu: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="magnus-cpu"))
+    background: list[asyncio.Task] = field(default_factory=list)  # cancelled at shutdown (e.g. Ray worker growth)
 
 
 @dataclass

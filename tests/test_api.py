@@ -128,6 +128,13 @@ def test_bad_input_table(tiny_server: Server, change: dict, status: int, param: 
     assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
 
 
+def test_lone_surrogate_is_a_clear_400(tiny_server: Server) -> None:
+    raw = b'{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 2}'
+    r = httpx.post(tiny_server.v1 + "/completions", content=raw, headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
 def test_context_error_names_both_counts(tiny_server: Server) -> None:
     r = httpx.post(tiny_server.v1 + "/completions", json={"model": "tiny", "prompt": "word " * 50, "max_tokens": 1000})
     assert r.status_code == 400

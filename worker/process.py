@@ -73,7 +73,7 @@ def _main(conn, cfg: WorkerConfig) -> None:
         else:
             runner = BatchRunner(model, tok, cfg.device, delta, cfg.mem_cap_bytes, cfg.oom_every, cfg.step_delay_s,
                                  early_exit=cfg.early_exit)
-        info: dict[str, Any] = {"pid": os.getpid(), "device": cfg.device, "delta": delta}
+        info: dict[str, Any] = {"pid": os.getpid(), "device": cfg.device, "delta": delta, **cfg.extra.get("info", {})}
         if cfg.device.startswith("cuda"):
             free, total = torch.cuda.mem_get_info()
             info.update(free_bytes=free, total_bytes=total)

@@ -19,7 +19,8 @@ async def health(state: StateDep) -> JSONResponse:
     if state.engine is None:
         return JSONResponse({"status": "error" if state.error else "loading", "detail": state.error},
                             status_code=503)
-    workers = [{"pid": w.get("pid"), "device": w.get("device")} for w in state.engine.worker_info()]
+    workers = [{"pid": w.get("pid"), "device": w.get("device"), "ready": bool(w)}
+               | ({"node_id": w["node_id"]} if "node_id" in w else {}) for w in state.engine.worker_info()]
     return JSONResponse({"status": "ok", "model": state.info.name if state.info else None,
                          "workers": workers, "pending": state.engine.pending})
 
