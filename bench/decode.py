@@ -12,6 +12,10 @@ tensor copy reads and writes each byte once). Host time per decode step (the ste
 minus the model's forward) is reported at output lengths 1-16 and the last 16 tokens: flat means
 no per-step work that grows with the output.
 
+``--extras``: each batch again with every row asking for the OpenAI/vLLM extras at once
+(frequency, presence and repetition penalties, temperature + top_p, 5 logprobs): the cost of
+``worker/sampling.py``'s processors and logprobs, as tokens/s and host ms per step.
+
 ``--random-config``: a randomly initialised model of that config (speed does not depend on the
 weights' values), for a machine without the converted weights (e.g. a lent GPU).
 
@@ -88,8 +92,15 @@ def timed_forward(model) -> dict[str, float]:
     return acc
 
 
-def run_batch(runner: BatchRunner, size: int, prompt_len: int, tokens: int, vocab: int) -> dict[str, float]:
-    items = [WorkItem(f"r{i}", [(7 * i + j) % (vocab - 1) + 1 for j in range(prompt_len)], tokens, SamplingParams())
+#: every OpenAI/vLLM sampling extra at once (``--extras``): what a row costs when it asks for all of them
+EXTRAS = dict(temperature=0.8, top_p=0.9, frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.1,
+              logprobs=5)
+
+
+def run_batch(runner: BatchRunner, size: int, prompt_len: int, tokens: int, vocab: int,
+              extras: bool = False) -> dict[str, float]:
+    items = [WorkItem(f"r{i}", [(7 * i + j) % (vocab - 1) + 1 for j in range(prompt_len)], tokens,
+                      SamplingParams(seed=i, **EXTRAS) if extras else SamplingParams())
              for i in range(size)]
     step_times: list[float] = []
     last = [time.perf_counter()]
@@ -122,6 +133,12 @@ def bench_sizes(args: argparse.Namespace) -> dict:
         fwd["t"] = 0.0
         r = run_batch(runner, size, prompt_len, args.tokens, vocab)
         host_per_step = (r["decode_s"] + r["prefill_s"] - fwd["t"]) / args.tokens
+        extra: dict[str, float] = {}
+        if args.extras:  # the same batch, every row with penalties, nucleus sampling and 5 logprobs
+            fwd["t"] = 0.0
+            e = run_batch(runner, size, prompt_len, args.tokens, vocab, extras=True)
+            extra = {"extras_tok_s": size * args.tokens / (e["decode_s"] + e["prefill_s"]),
+                     "extras_host_ms_per_step": 1e3 * (e["decode_s"] + e["prefill_s"] - fwd["t"]) / args.tokens}
         ids = torch.tensor([[(7 * i + j) % (vocab - 1) + 1 for j in range(prompt_len)] for i in range(size)],
                            device=args.device)
         with torch.inference_mode():
@@ -138,7 +155,7 @@ def bench_sizes(args: argparse.Namespace) -> dict:
         rows.append({
             "batch": size, "runner_tok_s": size * args.tokens / (r["decode_s"] + r["prefill_s"]),
             "generate_tok_s": size * args.tokens / gen_s, "decode_step_ms": 1e3 * step,
-            "floor_step_ms": 1e3 * floor, "mbu": floor / step, "host_ms_per_step": 1e3 * host_per_step,
+            "floor_step_ms": 1e3 * floor, "mbu": floor / step, "host_ms_per_step": 1e3 * host_per_step, **extra,
         })
         print(json.dumps(rows[-1]), flush=True)
     host = host_time_flat(runner, model, fwd, prompt_len, vocab, args)
@@ -209,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1,8,32", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--extras", action="store_true",
+                   help="also run each batch with every row asking for penalties, nucleus sampling and 5 logprobs")
     p.add_argument("--oom-check", action="store_true")
     p.add_argument("--oom-batch", type=int, default=64)
     p.add_argument("--oom-budget-mib", type=int, default=200, help="GPU memory left free for the OOM check")

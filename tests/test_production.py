@@ -189,6 +189,16 @@ def test_compose_config_is_valid() -> None:
     assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
     assert g["environment"]["MAGNUS_DEVICE"] == "cuda" and g["build"]["args"]["TORCH_VARIANT"] == "cuda"
 
+    ray = subprocess.run(cmd + ["--profile", "ray", "config", "--format", "json"], capture_output=True, text=True,
+                         env=env, cwd=ROOT)
+    assert ray.returncode == 0, ray.stderr
+    rs = json.loads(ray.stdout)["services"]
+    head, node = rs["ray-head"], rs["ray-worker"]
+    assert head["environment"]["MAGNUS_WORKERS"] == "ray" and head["build"]["args"]["EXTRAS"] == "ray"
+    assert "ray start --head --port 6379" in " ".join(head["command"]) and "magnus serve" in " ".join(head["command"])
+    assert "--address ray-head:6379" in " ".join(node["command"]) and node["image"] == head["image"]
+    assert all(p["host_ip"] == "127.0.0.1" for p in head["ports"])
+
     prom = cfg["services"]["prometheus"]
     mount = next(v for v in prom["volumes"] if v["target"] == "/etc/prometheus/prometheus.yml")
     conf = yaml.safe_load(Path(mount["source"]).read_text())

@@ -151,3 +151,33 @@ def test_seeded_sampling_with_penalties_reproducible(parts, mode: str) -> None:
     first = run(parts, mode, [item(tok, "x", PROMPT, 10, **s), item(tok, "y", OTHER, 7)])["x"]
     again = run(parts, mode, [item(tok, "x", PROMPT, 10, **s)])["x"]
     assert ids_of(first) == ids_of(again)
+
+
+def _reference_nucleus(probs: torch.Tensor, top_p: float, u: float) -> int:
+    """The textbook nucleus draw: sort the whole vocabulary, keep the prefix, invert its CDF."""
+    vals, order = probs.sort(descending=True)
+    keep = (vals.cumsum(0) - vals) < top_p
+    keep[0] = True
+    cum = (vals * keep).cumsum(0)
+    return int(order[min(int(torch.searchsorted(cum, u * cum[-1])), len(cum) - 1)])
+
+
+@pytest.mark.parametrize("scale", [0.5, 8.0])  # a flat distribution (the full-sort fallback) and a peaked one
+def test_nucleus_fast_path_equals_a_full_sort(scale: float) -> None:
+    from worker.sampling import _inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(16, 4000, generator=g) * scale, dim=-1)
+    top_p = torch.tensor([0.5, 0.9, 0.99, 0.3] * 4)
+    u = torch.rand(16, generator=g)
+    got = _inverse_cdf(probs, top_p, u).tolist()
+    assert got == [_reference_nucleus(probs[i], float(top_p[i]), float(u[i])) for i in range(16)]
+
+
+def test_sampling_without_top_p_follows_the_distribution() -> None:
+    from worker.sampling import _inverse_cdf
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).repeat(40000, 1)
+    u = torch.rand(40000, generator=torch.Generator().manual_seed(1))
+    freq = torch.bincount(_inverse_cdf(probs, torch.ones(40000), u), minlength=4).float() / 40000
+    assert torch.allclose(freq, probs[0], atol=0.01)

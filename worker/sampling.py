@@ -10,7 +10,9 @@ One pass over the batch's last-position logits, vectorised over the rows that ne
    ``min_tokens`` masks the row's end tokens until it has that many;
 3. **sampling**: greedy for temperature 0; else temperature + nucleus, each row drawing its
    uniform from its own seeded generator (inverse-CDF), so a row's tokens depend on its seed,
-   not on its batch.
+   not on its batch. The nucleus is found among the 256 most likely tokens (a top-k, ~20x cheaper
+   than sorting the vocabulary on a CPU), falling back to the full sort for a row whose nucleus is
+   larger; without top_p no sort at all.
 
 Per-row token counts for the penalties live on the row (``RequestText.sampler_state``) and are
 updated with the tokens added since the last step: constant work per token.
@@ -18,7 +20,7 @@ updated with the tokens added since the last step: constant work per token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,67 +30,77 @@ from worker.text import RequestText
 
 @dataclass
 class _Counts:
-    """A row's token counts over the vocabulary (output only, and prompt + output)."""
+    """The tokens a row has seen (prompt, then output) and how often each is in its output."""
 
-    output: torch.Tensor  # (vocab,) float
-    seen: torch.Tensor  # (vocab,) bool: in the prompt or the output
-    counted: int = 0  # row.ids[:counted] are in ``output``
+    pos: dict[int, int] = field(default_factory=dict)  # token -> index in ``ids``
+    ids: list[int] = field(default_factory=list)  # distinct tokens, prompt and output
+    output: list[float] = field(default_factory=list)  # times each is in the output
+    counted: int = 0  # row.ids[:counted] are counted
 
 
-def _counts(row: RequestText, vocab: int, device: torch.device) -> _Counts:
+def _counts(row: RequestText, vocab: int) -> _Counts:
     st = row.sampler_state
     if not isinstance(st, _Counts):
-        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        prompt = [t for t in row.req.prompt_ids if t < vocab]
-        if prompt:
-            seen[torch.tensor(prompt, device=device)] = True
-        st = row.sampler_state = _Counts(torch.zeros(vocab, device=device), seen)
-    new = [t for t in row.ids[st.counted:] if t < vocab]
-    if new:
-        idx = torch.tensor(new, device=device)
-        st.output.index_add_(0, idx, torch.ones(len(new), device=device))
-        st.seen[idx] = True
+        st = row.sampler_state = _Counts()
+        for t in row.req.prompt_ids:
+            if t < vocab and t not in st.pos:
+                st.pos[t] = len(st.ids)
+                st.ids.append(t)
+                st.output.append(0.0)
+    for t in row.ids[st.counted:]:
+        if t >= vocab:
+            continue
+        j = st.pos.get(t)
+        if j is None:
+            st.pos[t] = len(st.ids)
+            st.ids.append(t)
+            st.output.append(1.0)
+        else:
+            st.output[j] += 1.0
     st.counted = len(row.ids)
     return st
 
 
-def _process(logits: torch.Tensor, rows: list[RequestText], idx: list[int]) -> torch.Tensor:
-    """The rows ``idx`` of ``logits`` (float32, a copy) with their processors applied."""
-    dev = logits.device
-    vocab = logits.shape[-1]
-    out = logits[idx].float()
-    params = [rows[i].req.sampling for i in idx]
+def _process(work: torch.Tensor, rows: list[RequestText], idx: list[int]) -> None:
+    """Apply the processors of rows ``idx`` to ``work`` (float32) in place. Penalties touch only
+    the tokens a row has seen (sparse: a few hundred per row, not the vocabulary)."""
+    dev = work.device
+    vocab = work.shape[-1]
     bias_rows, bias_ids, bias_vals = [], [], []
-    for j, sp in enumerate(params):
+    pen_rows, pen_ids, pen_counts, reps, freqs, press = [], [], [], [], [], []
+    for i in idx:
+        sp = rows[i].req.sampling
         for tok, val in sp.logit_bias:
             if 0 <= tok < vocab:
-                bias_rows.append(j)
+                bias_rows.append(i)
                 bias_ids.append(tok)
                 bias_vals.append(val)
+        if sp.repetition_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty:
+            c = _counts(rows[i], vocab)
+            n = len(c.ids)
+            pen_rows += [i] * n
+            pen_ids += c.ids
+            pen_counts += c.output
+            reps += [sp.repetition_penalty] * n
+            freqs += [sp.frequency_penalty] * n
+            press += [sp.presence_penalty] * n
     if bias_rows:
-        out.index_put_((torch.tensor(bias_rows, device=dev), torch.tensor(bias_ids, device=dev)),
-                       torch.tensor(bias_vals, device=dev), accumulate=True)
-    pen = [j for j, sp in enumerate(params)
-           if sp.repetition_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty]
-    if pen:
-        counts = [_counts(rows[idx[j]], vocab, dev) for j in pen]
-        sel = torch.tensor(pen, device=dev)
-        part = out[sel]
-        rep = torch.tensor([params[j].repetition_penalty for j in pen], device=dev)[:, None]
-        seen = torch.stack([c.seen for c in counts])
-        part = torch.where(seen, torch.where(part > 0, part / rep, part * rep), part)
-        output = torch.stack([c.output for c in counts])
-        freq = torch.tensor([params[j].frequency_penalty for j in pen], device=dev)[:, None]
-        pres = torch.tensor([params[j].presence_penalty for j in pen], device=dev)[:, None]
-        part = part - freq * output - pres * (output > 0).float()
-        out[sel] = part
-    for j, sp in enumerate(params):
-        row = rows[idx[j]]
-        if len(row.ids) < sp.min_tokens:
+        work.index_put_((torch.tensor(bias_rows, device=dev), torch.tensor(bias_ids, device=dev)),
+                        torch.tensor(bias_vals, device=dev), accumulate=True)
+    if pen_rows:
+        r, t = torch.tensor(pen_rows, device=dev), torch.tensor(pen_ids, device=dev)
+        cnt = torch.tensor(pen_counts, device=dev)
+        rep = torch.tensor(reps, device=dev)
+        vals = work[r, t]
+        vals = torch.where(vals > 0, vals / rep, vals * rep)  # HF/vLLM: prompt and output tokens
+        vals = vals - torch.tensor(freqs, device=dev) * cnt - torch.tensor(press, device=dev) * (cnt > 0).float()
+        work[r, t] = vals
+    for i in idx:
+        row = rows[i]
+        if len(row.ids) < row.req.sampling.min_tokens:
             ends = [t for t in row.end_ids | row.eos_ids if t < vocab]
             if ends:
-                out[j, torch.tensor(ends, device=dev)] = -torch.inf
-    return out
+                work[i, torch.tensor(ends, device=dev)] = -torch.inf
 
 
 def _logprobs(raw: torch.Tensor, rows: list[RequestText], idx: list[int], chosen: torch.Tensor
@@ -114,6 +126,46 @@ def _logprobs(raw: torch.Tensor, rows: list[RequestText], idx: list[int], chosen
     return out
 
 
+#: the nucleus is looked for among each row's this many most likely tokens first (a full sort of the
+#: vocabulary costs ~20x more on a CPU); rows whose nucleus is larger fall back to the full sort
+_NUCLEUS_K = 256
+
+
+def _nucleus(vals: torch.Tensor, order: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws from each row's nucleus (the most likely tokens whose mass before each is
+    below top_p), given its most likely tokens in order (``vals``, ``order``) that hold the nucleus."""
+    keep = (vals.cumsum(-1) - vals) < top_p[:, None]
+    keep[:, 0] = True  # the top token always (a top_p below float32's range would keep none)
+    cum = (vals * keep).cumsum(-1)
+    pick = torch.searchsorted(cum, (u * cum[:, -1])[:, None].contiguous()).clamp(max=cum.shape[-1] - 1)
+    return order.gather(1, pick).squeeze(1)
+
+
+def _inverse_cdf(probs: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn with its uniform ``u``; each row's draw depends on its own row only
+    (never on its batch), so a seeded request samples the same tokens in any batch."""
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    whole = top_p >= 1.0
+    if whole.any():  # no nucleus: the CDF in vocabulary order, no sort
+        p = probs[whole]
+        cum = p.cumsum(-1)
+        out[whole] = torch.searchsorted(cum, (u[whole] * cum[:, -1])[:, None].contiguous()).clamp(
+            max=p.shape[-1] - 1).squeeze(1)
+    nuc = ~whole
+    if nuc.any():
+        p, tp, un = probs[nuc], top_p[nuc], u[nuc]
+        vals, order = p.topk(min(_NUCLEUS_K, p.shape[-1]), dim=-1)
+        small = vals.sum(-1) >= tp  # the nucleus lies within these most likely tokens: exact
+        picks = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
+        if small.any():
+            picks[small] = _nucleus(vals[small], order[small], tp[small], un[small])
+        if (~small).any():
+            big = ~small
+            picks[big] = _nucleus(*p[big].sort(dim=-1, descending=True), tp[big], un[big])
+        out[nuc] = picks
+    return out
+
+
 def sample(logits: torch.Tensor, rows: list[RequestText], generators: list[torch.Generator | None]
            ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
     """The next token of every row (on the CPU) and, for rows that asked, its logprobs."""
@@ -122,7 +174,7 @@ def sample(logits: torch.Tensor, rows: list[RequestText], generators: list[torch
     work = logits
     if proc:
         work = logits.clone() if logits.dtype == torch.float32 else logits.float()
-        work[proc] = _process(logits, rows, proc)
+        _process(work, rows, proc)
     next_ids = work.argmax(dim=-1)
     idx = [i for i in live if generators[i] is not None]
     if idx:
@@ -131,13 +183,8 @@ def sample(logits: torch.Tensor, rows: list[RequestText], generators: list[torch
         temps = torch.tensor([rows[i].req.sampling.temperature for i in idx], device=dev)
         top_p = torch.tensor([rows[i].req.sampling.top_p for i in idx], device=dev)
         probs = torch.softmax(work[sel].float() / temps[:, None], dim=-1)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = (sorted_p.cumsum(-1) - sorted_p) < top_p[:, None]
-        keep[:, 0] = True  # the top token always (a top_p below float32's range would keep none)
-        cum = (sorted_p * keep).cumsum(-1)
-        u = torch.cat([torch.rand(1, generator=generators[i]) for i in idx]).to(dev) * cum[:, -1]
-        pick = torch.searchsorted(cum, u[:, None].contiguous()).clamp(max=cum.shape[-1] - 1)
-        next_ids[sel] = order.gather(1, pick).squeeze(1)
+        u = torch.cat([torch.rand(1, generator=generators[i]) for i in idx]).to(dev)
+        next_ids[sel] = _inverse_cdf(probs, top_p, u)
     lp_rows = [i for i in live if rows[i].req.sampling.logprobs is not None]
     lps: list[TokenLogprob | None] = [None] * len(rows)
     if lp_rows:
