@@ -9,11 +9,8 @@ import concurrent.futures as cf
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,26 +18,6 @@ import pytest
 from service.launcher import Server, free_port, start_server
 
 pytest.importorskip("ray")
-
-RAY = str(Path(sys.executable).with_name("ray"))
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def ray_node(log: Path, *args: str) -> subprocess.Popen:
-    """``ray start --block`` in a session of its own: killing the session stops the whole node."""
-    return subprocess.Popen(
-        [RAY, "start", "--block", "--disable-usage-stats", "--num-cpus", "1",
-         "--object-store-memory", str(100 * 2**20), *args],
-        env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_node(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(30)
-
 
 def health(srv: Server) -> dict:
     return httpx.get(srv.base_url + "/health", timeout=10).json()
@@ -66,30 +43,27 @@ def complete(srv: Server, prompts: list[str], max_tokens: int) -> list[httpx.Res
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    from bench.ray_local import LocalRayCluster
+
     d = tmp_path_factory.mktemp("ray")
-    port = free_port()
-    nodes = [ray_node(d / "head.log", "--head", "--port", str(port), "--include-dashboard", "false")]
+    ray = LocalRayCluster(d, free_port())
     try:
-        wait_for(lambda: subprocess.run([RAY, "status", "--address", f"127.0.0.1:{port}"], env=ENV,
-                                        capture_output=True).returncode == 0, 120, "the Ray head")
         srv = start_server(d / "srv", tiny_model_dir, served_model_name="tiny", policy="vs", batch_size=2,
-                           max_wait=0.05, workers="ray", ray_address=f"127.0.0.1:{port}", ray_scale_interval_s=1,
+                           max_wait=0.05, workers="ray", ray_address=ray.address, ray_scale_interval_s=1,
                            step_delay_s=0.03, worker_threads=1)
         try:
-            yield {"srv": srv, "port": port, "nodes": nodes, "dir": d}
+            yield {"srv": srv, "ray": ray}
         finally:
             srv.stop()
     finally:
-        for n in nodes:
-            stop_node(n)
-        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True)
+        ray.stop()
 
 
 def test_a_joining_node_adds_a_worker_and_both_nodes_serve(cluster: dict) -> None:
     srv = cluster["srv"]
     h = health(srv)
     assert len(h["workers"]) == 1 and h["workers"][0]["ready"]  # the head's one CPU holds one worker
-    cluster["nodes"].append(ray_node(cluster["dir"] / "node2.log", "--address", f"127.0.0.1:{cluster['port']}"))
+    cluster["ray"].add_node()
     wait_for(lambda: [w["ready"] for w in health(srv)["workers"]] == [True, True], 180, "a second worker")
     nodes = {w["node_id"] for w in health(srv)["workers"]}
     assert len(nodes) == 2  # one worker per node
@@ -119,11 +93,11 @@ def test_a_killed_worker_actor_loses_no_request(cluster: dict) -> None:
 def test_a_stopped_node_loses_no_request(cluster: dict) -> None:
     srv = cluster["srv"]
     wait_for(lambda: all(w["ready"] for w in health(srv)["workers"]), 180, "every worker ready")
-    node2 = cluster["nodes"][1]
+    node2 = cluster["ray"].nodes[1]
     with cf.ThreadPoolExecutor(1) as pool:
         fut = pool.submit(complete, srv, [f"another long answer {i}" for i in range(6)], 60)
         wait_for(lambda: _running(srv) >= 2, 60, "batches on both workers")
-        stop_node(node2)
+        cluster["ray"].stop_node(node2)
         rs = fut.result(timeout=600)
     assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
     assert all(r.json()["usage"]["completion_tokens"] == 60 for r in rs)

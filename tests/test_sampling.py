@@ -162,12 +162,12 @@ def _reference_nucleus(probs: torch.Tensor, top_p: float, u: float) -> int:
     return int(order[min(int(torch.searchsorted(cum, u * cum[-1])), len(cum) - 1)])
 
 
-@pytest.mark.parametrize("scale", [0.5, 8.0])  # a flat distribution (the full-sort fallback) and a peaked one
-def test_nucleus_fast_path_equals_a_full_sort(scale: float) -> None:
+@pytest.mark.parametrize(("vocab", "scale"), [(4000, 0.5), (4000, 8.0), (20000, 1.5)])  # flat (full sort), peaked, between
+def test_nucleus_fast_path_equals_a_full_sort(vocab: int, scale: float) -> None:
     from worker.sampling import _inverse_cdf
 
     g = torch.Generator().manual_seed(0)
-    probs = torch.softmax(torch.randn(16, 4000, generator=g) * scale, dim=-1)
+    probs = torch.softmax(torch.randn(16, vocab, generator=g) * scale, dim=-1)
     top_p = torch.tensor([0.5, 0.9, 0.99, 0.3] * 4)
     u = torch.rand(16, generator=g)
     got = _inverse_cdf(probs, top_p, u).tolist()

@@ -10,9 +10,9 @@ One pass over the batch's last-position logits, vectorised over the rows that ne
    ``min_tokens`` masks the row's end tokens until it has that many;
 3. **sampling**: greedy for temperature 0; else temperature + nucleus, each row drawing its
    uniform from its own seeded generator (inverse-CDF), so a row's tokens depend on its seed,
-   not on its batch. The nucleus is found among the 256 most likely tokens (a top-k, ~20x cheaper
-   than sorting the vocabulary on a CPU), falling back to the full sort for a row whose nucleus is
-   larger; without top_p no sort at all.
+   not on its batch. The nucleus is found among the 256, then 4096 most likely tokens (a top-k,
+   ~20x cheaper than sorting the vocabulary on a CPU), falling back to the full sort for a row
+   whose nucleus is larger; without top_p no sort at all.
 
 Per-row token counts for the penalties live on the row (``RequestText.sampler_state``) and are
 updated with the tokens added since the last step: constant work per token.
@@ -126,9 +126,9 @@ def _logprobs(raw: torch.Tensor, rows: list[RequestText], idx: list[int], chosen
     return out
 
 
-#: the nucleus is looked for among each row's this many most likely tokens first (a full sort of the
-#: vocabulary costs ~20x more on a CPU); rows whose nucleus is larger fall back to the full sort
-_NUCLEUS_K = 256
+#: the nucleus is looked for among each row's 256, then 4096 most likely tokens (a top-k; sorting
+#: the whole vocabulary costs ~20x more on a CPU); rows whose nucleus is larger get the full sort
+_NUCLEUS_K = (256, 4096)
 
 
 def _nucleus(vals: torch.Tensor, order: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -154,14 +154,18 @@ def _inverse_cdf(probs: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> t
     nuc = ~whole
     if nuc.any():
         p, tp, un = probs[nuc], top_p[nuc], u[nuc]
-        vals, order = p.topk(min(_NUCLEUS_K, p.shape[-1]), dim=-1)
-        small = vals.sum(-1) >= tp  # the nucleus lies within these most likely tokens: exact
         picks = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
-        if small.any():
-            picks[small] = _nucleus(vals[small], order[small], tp[small], un[small])
-        if (~small).any():
-            big = ~small
-            picks[big] = _nucleus(*p[big].sort(dim=-1, descending=True), tp[big], un[big])
+        left = torch.arange(p.shape[0], device=p.device)  # rows whose nucleus is not found yet
+        for k in (*_NUCLEUS_K, p.shape[-1]):
+            k = min(k, p.shape[-1])
+            vals, order = (p[left].topk(k, dim=-1) if k < p.shape[-1]
+                           else p[left].sort(dim=-1, descending=True))
+            found = vals.sum(-1) >= tp[left] if k < p.shape[-1] else torch.ones_like(left, dtype=torch.bool)
+            if found.any():  # the nucleus lies within these most likely tokens: exact
+                picks[left[found]] = _nucleus(vals[found], order[found], tp[left[found]], un[left[found]])
+            left = left[~found]
+            if not len(left):
+                break
         out[nuc] = picks
     return out
 
