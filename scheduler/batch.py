@@ -58,3 +58,4 @@ class BatchOutcome:
     duration: float  # seconds from dispatch to the end of the batch
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    worker: int | None = None  # the worker that ran it

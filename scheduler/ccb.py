@@ -93,6 +93,11 @@ class CCBPolicy(Policy):
         self._admission: dict[int, CCBAdmission] = {}
         self._worker_of: dict[str, int] = {}  # running request id -> worker
 
+    def set_worker(self, worker: int, kind: str | None = None, theta: float | None = None) -> None:
+        """Each worker admits within its own Theta (the workers of a cluster may differ)."""
+        if theta is not None:
+            self.admission(worker).theta = theta
+
     def admission(self, worker: int) -> CCBAdmission:
         """The worker's reservations (created on first use)."""
         adm = self._admission.get(worker)

@@ -218,6 +218,7 @@ class SchedulerCore:
         self.policy.on_batch_done(BatchOutcome(
             batch=batch, true_gen={row.request_id: row.output_tokens for row in output.rows},
             duration=now - d.at, prefill_s=stats.prefill_s if stats else 0.0, decode_s=stats.decode_s if stats else 0.0,
+            worker=worker,
         ), now)
         for row in output.rows:
             self._complete(row, now, up)

@@ -92,6 +92,10 @@ class BatchTimeEstimator:
         self._last_update: float | None = None
         self.version = 0  # bumps on every swap (callers cache estimates per version)
         self.retrain_pending = False  # the training set changed since the last retrain
+        self.kind: str | None = None  # the worker kind it learns on (None: the server's own device)
+        self._kinds: dict[str, BatchTimeEstimator] = {}  # other worker kinds' estimators
+        self._args = dict(k=k, min_samples=min_samples, interval_s=interval_s, err_abs_s=err_abs_s,
+                          err_rel=err_rel, sync_retrain=sync_retrain)
         if self.path is not None and self.path.exists():
             data = json.loads(self.path.read_text())
             recorded = data.get("source")
@@ -103,6 +107,29 @@ class BatchTimeEstimator:
                             "server runs %s; the estimator starts fresh (the file is kept until the "
                             "next save replaces it)", self.path,
                             recorded if recorded is not None else "an unrecorded source", self.source)
+
+    # -- worker kinds --------------------------------------------------------------------------
+    def for_kind(self, kind: str | None) -> BatchTimeEstimator:
+        """The estimator of workers of ``kind`` (a device name): this one for its own kind (and
+        None), else one learned on that kind alone, created on first use with the same settings,
+        its own file next to this one's and ``kind`` in its source."""
+        if kind is None or kind == self.kind:
+            return self
+        est = self._kinds.get(kind)
+        if est is None:
+            path = None
+            if self.path is not None:
+                safe = "".join(c if c.isalnum() else "_" for c in kind)
+                path = self.path.with_name(f"{self.path.stem}.{safe}{self.path.suffix}")
+            source = None if self.source is None else {**self.source, "kind": kind}
+            est = BatchTimeEstimator(self.prior, path=path, source=source, **self._args)
+            est.kind = kind
+            self._kinds[kind] = est
+        return est
+
+    def all(self) -> list[BatchTimeEstimator]:
+        """This estimator and those of the other worker kinds."""
+        return [self, *self._kinds.values()]
 
     # -- answering ---------------------------------------------------------------------------
     @property

@@ -157,6 +157,11 @@ class PredictiveContinuousPolicy(Policy):
         return order
 
     # -- policy interface ------------------------------------------------------------------------
+    def set_worker(self, worker: int, kind: str | None = None, theta: float | None = None) -> None:
+        """Each worker admits within its own Theta (the workers of a cluster may differ)."""
+        if theta is not None:
+            self.budget(worker).theta = theta
+
     def budget(self, worker: int) -> _WorkerBudget:
         b = self._workers.get(worker)
         if b is None:

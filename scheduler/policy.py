@@ -39,6 +39,12 @@ class Policy(ABC):
     def next_batch(self, worker: int, now: float) -> Batch | None:
         """Worker ``worker`` is idle: the batch it should run now, or None to wait."""
 
+    def set_worker(self, worker: int, kind: str | None = None, theta: float | None = None) -> None:
+        """A worker has loaded: its ``kind`` (a device name; a policy with a batch-time estimator
+        learns each kind's batch times apart) and its own KV budget ``theta`` in bytes (the workers
+        of a cluster may differ). Default: ignored."""
+        return None
+
     def next_wakeup(self, now: float) -> float | None:
         """The earliest time at which ``next_batch`` may return a batch with no new arrival."""
         return None

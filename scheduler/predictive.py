@@ -19,6 +19,7 @@ a dispatchable worse-priority batch goes meanwhile. A requeued OOM half keeps it
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -65,6 +66,12 @@ class PredictivePolicy(Policy):
     @property
     def max_batch_size(self) -> int | None:
         return self.assembler.max_batch_size
+
+    def set_worker(self, worker: int, kind: str | None = None, theta: float | None = None) -> None:
+        """Batches are assembled before a worker takes them: under the smallest worker's Theta."""
+        mem = self.assembler.memory
+        if theta is not None and mem is not None and theta < mem.theta:
+            self.assembler.memory = dataclasses.replace(mem, theta=theta)
 
     def on_arrival(self, req: Request, now: float) -> None:
         self.assembler.place(req, now)
@@ -187,25 +194,39 @@ class MagnusPolicy(ABPPolicy):
     ) -> None:
         super().__init__(phi=phi, memory=memory, max_batch_size=max_batch_size, min_wait=min_wait)
         self.estimator = estimator if estimator is not None else BatchTimeEstimator()
-        self._tp: dict[int, tuple[tuple[int, int, int, int], float]] = {}  # batch id -> (key, T_p)
+        self._tp: dict[int, tuple[tuple, float]] = {}  # batch id -> (key, T_p)
+        self._kind: dict[int, str] = {}  # worker -> its kind, where it reported one
+        self._asking: str | None = None  # the kind of the worker that asks for a batch now
+
+    def set_worker(self, worker: int, kind: str | None = None, theta: float | None = None) -> None:
+        super().set_worker(worker, kind, theta)
+        if kind is not None:
+            self._kind[worker] = kind
+
+    def next_batch(self, worker: int, now: float) -> Batch | None:
+        """HRRN with the batch times of the asking worker's kind (a slower GPU's batches take longer)."""
+        self._asking = self._kind.get(worker)
+        return super().next_batch(worker, now)
 
     def processing_times(self, batches: Sequence[WaitingBatch]) -> list[float]:
-        """T_p of each batch, cached per (shape, estimator version); misses in one query."""
-        version = self.estimator.version
+        """T_p of each batch on the asking worker's kind, cached per (shape, kind, estimator
+        version); misses in one query."""
+        est = self.estimator.for_kind(self._asking)
+        version = est.version
         out: list[float] = [0.0] * len(batches)
         miss: list[int] = []
         for i, b in enumerate(batches):
             hit = self._tp.get(b.id)
-            if hit is not None and hit[0] == (b.size, b.max_prompt, b.max_gen, version):
+            if hit is not None and hit[0] == (b.size, b.max_prompt, b.max_gen, self._asking, version):
                 out[i] = hit[1]
             else:
                 miss.append(i)
         if miss:
             shapes = [(batches[i].size, batches[i].max_prompt, batches[i].max_gen) for i in miss]
-            for i, tp in zip(miss, self.estimator.estimate_many(shapes), strict=True):
+            for i, tp in zip(miss, est.estimate_many(shapes), strict=True):
                 b = batches[i]
                 out[i] = tp
-                self._tp[b.id] = ((b.size, b.max_prompt, b.max_gen, version), tp)
+                self._tp[b.id] = ((b.size, b.max_prompt, b.max_gen, self._asking, version), tp)
         if len(self._tp) > 2 * len(self.assembler.batches) + 64:  # forget dispatched/cancelled ones
             live = self.assembler.batches
             self._tp = {k: v for k, v in self._tp.items() if k in live}
@@ -217,5 +238,6 @@ class MagnusPolicy(ABPPolicy):
         return chosen
 
     def on_batch_done(self, outcome: BatchOutcome, now: float) -> None:
-        self.estimator.record(outcome, now)
-        self.estimator.maybe_update(now)
+        est = self.estimator.for_kind(None if outcome.worker is None else self._kind.get(outcome.worker))
+        est.record(outcome, now)
+        est.maybe_update(now)

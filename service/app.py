@@ -36,7 +36,7 @@ async def _load(state: AppState) -> None:
             rw = await asyncio.to_thread(ray_workers, settings, state.info, configs[0])
             configs, factory = rw.configs(), rw.factory()
         engine = Engine(built.policy, configs, state.request_log, state.metrics, state.info.name, observe=observe,
-                        handle_factory=factory)
+                        handle_factory=factory, worker_theta=built.worker_theta)
         if built.predictor is not None and built.predictor.can_repredict and built.policy.continuous:
             engine.core.repredict = built.repredict
         await engine.start()

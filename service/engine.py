@@ -76,6 +76,7 @@ class Engine:
         model_name: str,
         observe: Callable[[Request], None] | None = None,
         handle_factory: Callable[[int, WorkerConfig, Callable[[int, str, Any], None]], Any] | None = None,
+        worker_theta: Callable[[dict[str, Any]], float | None] | None = None,
     ) -> None:
         self.policy = policy
         self.log = request_log
@@ -85,6 +86,7 @@ class Engine:
         self.core = SchedulerCore(policy, [c.mode != "static" for c in worker_configs])
         self._streams: dict[str, Stream] = {}
         self._new_handle = handle_factory or WorkerHandle
+        self.worker_theta = worker_theta  # a worker's own Theta from its ``ready`` report (cluster workers)
         self._handles = [self._new_handle(i, c, self._from_thread) for i, c in enumerate(worker_configs)]
         self._info: list[dict[str, Any]] = [{} for _ in worker_configs]
         self._loaded = [False] * len(worker_configs)
@@ -231,6 +233,8 @@ class Engine:
     def _on_message(self, index: int, kind: str, payload: Any) -> None:
         if kind == "ready":
             self._info[index], self._loaded[index] = payload, True
+            theta = self.worker_theta(payload) if self.worker_theta is not None else None
+            self.policy.set_worker(index, payload.get("kind"), theta)
             self.core.set_ready(index, True)
             log.info("worker %d ready: %s", index, payload)
             if all(self._loaded):

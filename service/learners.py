@@ -16,6 +16,7 @@ from scheduler.memory import MemoryModel
 from scheduler.request import Request
 from service.model import ModelInfo
 from service.settings import Settings
+from worker.loader import device_kind
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class Learners:
     """The built scheduler plus whatever learns in the background for it."""
 
     scheduler: Scheduler
+    settings: Settings | None = None
+    profile: ModelProfile | None = None  # the served model's Delta and weight bytes
     predictor: Any = None  # predictor.LengthPredictor when the policy predicts lengths
     batcher: Any = None  # service.predictbatch.PredictionBatcher, made at the first prediction
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -86,8 +89,9 @@ class Learners:
     def _estimator_loop(self, interval_s: float) -> None:
         while not self._stop.wait(min(interval_s, 5.0)):
             try:
-                if self.estimator.retrain_pending:
-                    self.estimator.retrain()
+                for est in self.estimator.all():  # one per worker kind
+                    if est.retrain_pending:
+                        est.retrain()
             except Exception:  # noqa: BLE001 - keep serving on the previous model
                 log.exception("estimator retraining failed")
 
@@ -96,7 +100,28 @@ class Learners:
         if self.predictor is not None:
             self.predictor.stop()
         if self.estimator is not None:
-            self.estimator.save()
+            for est in self.estimator.all():
+                if est.path is not None:
+                    est.save()
+
+    def worker_theta(self, info: dict[str, Any]) -> float | None:
+        """A cluster worker's own Theta from what it reported at load (its GPU's free memory, or
+        its share of its node's available memory); None for local workers, which share the
+        server's measured Theta, and when ``--kv-budget-bytes`` fixes it for all."""
+        s = self.settings
+        if s is None or self.profile is None or s.kv_budget_bytes is not None or "node_id" not in info:
+            return None
+        weights = self.profile.weight_bytes
+        if "free_bytes" in info:  # measured after the weights were loaded
+            device = info["free_bytes"] + weights
+        elif "available_bytes" in info:
+            device = info["available_bytes"] * min(1.0, s.ray_cpus_per_worker / max(1, info.get("host_cpus", 1))) + weights
+        else:
+            return None
+        try:
+            return MemoryModel.for_device(self.profile.delta, device, weights, reserve_frac=s.mem_reserve_frac).theta
+        except ValueError:
+            return None
 
     def predict(self, reqs: list[Request]) -> list[Prediction]:
         """Blocking (run it in a thread): the requests' predicted generation lengths, one embedding batch."""
@@ -130,7 +155,9 @@ def build(settings: Settings, info: ModelInfo) -> Learners:
         estimator_source={"model": info.name, "device": info.device, "dtype": f"{info.dtype_bytes * 8}-bit"},
         sync_retrain=False,
     )
-    learners = Learners(sched)
+    if sched.estimator is not None:
+        sched.estimator.kind = device_kind(info.device)  # the local workers' kind: the persisted state's
+    learners = Learners(sched, settings=settings, profile=served_profile(settings.policy, model))
     if policy_class(settings.policy).needs_prediction:
         learners.predictor = _predictor(settings, info.name)
     mem = sched.memory

@@ -137,3 +137,12 @@ def load_model(local_dir: str, device: str, dtype, quantize: str = "none", attn:
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     model.eval()
     return model
+
+
+def device_kind(device: str) -> str:
+    """A worker kind: the GPU's name, or "cpu" (the batch-time estimator learns each kind apart)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device if ":" in device else "cuda:0"))
+    return "cpu"

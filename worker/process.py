@@ -73,10 +73,17 @@ def _main(conn, cfg: WorkerConfig) -> None:
         else:
             runner = BatchRunner(model, tok, cfg.device, delta, cfg.mem_cap_bytes, cfg.oom_every, cfg.step_delay_s,
                                  early_exit=cfg.early_exit)
-        info: dict[str, Any] = {"pid": os.getpid(), "device": cfg.device, "delta": delta, **cfg.extra.get("info", {})}
+        from worker.loader import device_kind
+
+        info: dict[str, Any] = {"pid": os.getpid(), "device": cfg.device, "delta": delta,
+                                "kind": device_kind(cfg.device), **cfg.extra.get("info", {})}
         if cfg.device.startswith("cuda"):
             free, total = torch.cuda.mem_get_info()
             info.update(free_bytes=free, total_bytes=total)
+        else:  # after the weights were loaded: what is left for the KV cache on this host
+            import psutil
+
+            info.update(available_bytes=psutil.virtual_memory().available, host_cpus=os.cpu_count() or 1)
         send("ready", info)
     except Exception:  # noqa: BLE001 - report any load failure to the parent, then exit
         conn.send(("fatal", traceback.format_exc()))
