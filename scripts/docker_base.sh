@@ -10,6 +10,7 @@ cache=${2:-${XDG_CACHE_HOME:-$HOME/.cache}/magnus/debian-bookworm-python.tar}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 if [ ! -s "$cache" ]; then
   root=$(mktemp -d)
+  chmod 0755 "$root"  # the image's /: mktemp makes it 0700, which locks out every user but root
   trap 'rm -rf "$root"' EXIT
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$root" "$mirror"
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*

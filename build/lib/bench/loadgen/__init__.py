@@ -1,0 +1,1 @@
+"""Load generation and comparison: open-loop traffic through the openai client, policies side by side."""

@@ -1,0 +1,1 @@
+"""The ``magnus`` command line: one entry point that mounts each package's subcommands."""

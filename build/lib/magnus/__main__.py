@@ -1,0 +1,5 @@
+import sys
+
+from magnus.cli import main
+
+sys.exit(main())

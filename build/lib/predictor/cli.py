@@ -1,0 +1,255 @@
+"""``magnus predictor ...``: train a length-predictor model file, evaluate it, show its metadata.
+
+``register(sub)`` adds the ``predictor`` command to the console script's subparsers; every leaf
+sets ``func(args) -> int``. ``python -m predictor.cli ...`` runs the same commands standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from predictor.data import Row, load_jsonl, load_request_log
+from predictor.embedder import Embedder
+from predictor.evaluate import evaluate_groups, finalize, repredict_report, yardstick
+from predictor.features import FeatureExtractor
+from predictor.forest import TARGETS, ForestParams, LengthForest
+from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
+from predictor.repredict import HeadRow, Repredictor
+from predictor.trainset import TrainingSet
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``predictor train | eval | info`` to an argparse subparsers object."""
+    p = sub.add_parser("predictor", help="generation-length predictor: train, evaluate, inspect")
+    leaves = p.add_subparsers(dest="predictor_cmd", required=True)
+
+    t = leaves.add_parser("train", help="train a model file from the request log or a JSONL file")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-log", metavar="DB", help="the service's SQLite request log (status = 'ok' rows)")
+    src.add_argument("--from-jsonl", metavar="FILE",
+                     help="JSONL rows: instruction, input, input_tokens, output_tokens[, app, max_tokens]")
+    t.add_argument("--out", required=True, metavar="MODEL", help="model file to write (joblib)")
+    t.add_argument("--form", choices=("mixture", "paper"), default="mixture",
+                   help="mixture: runaway classifier + ended-length regressor, calibrated high estimate "
+                        "(default); paper: the paper's random forest")
+    t.add_argument("--heads", metavar="FILE",
+                   help="mixture: also train the re-predictor on these rows' first generated tokens "
+                        "(JSONL id, head_ids: python -m bench.prefix)")
+    t.add_argument("--embedder", default="default",
+                   help="'default' (bundled all-MiniLM-L6-v2), sentence-transformers/LaBSE, a path or hub id")
+    t.add_argument("--device", default="cpu", help="embedder device (default: cpu)")
+    t.add_argument("--served-model", default=None, metavar="NAME",
+                   help="the served model whose lengths the rows hold; recorded in the file so a server "
+                        "serving another model refuses it (default: not recorded)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
+    t.add_argument("--n-estimators", type=int, default=100)
+    t.add_argument("--max-depth", type=int, default=None)
+    t.add_argument("--min-samples-leaf", type=int, default=1)
+    t.add_argument("--quantile", type=float, default=0.9,
+                   help="level of the high estimate (paper: of the per-tree predictions; mixture: calibrated)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--target", choices=TARGETS, default="ratio",
+                   help="what the trees learn: output/input token ratio (default) or the length itself")
+    t.add_argument("--n-jobs", type=int, default=1)
+    t.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of rows kept out of training to measure the model (stored in its metadata)")
+    t.add_argument("--drop-truncated", action="store_true",
+                   help="with --from-log: leave out requests stopped by their max_tokens")
+    t.add_argument("--limit", type=int, default=None, help="use at most this many rows (first ones)")
+    t.set_defaults(func=cmd_train)
+
+    e = leaves.add_parser("eval", help="evaluate a model file against true lengths and every cheap baseline")
+    e.add_argument("file", metavar="FILE", help="JSONL rows with true output_tokens")
+    e.add_argument("--model", required=True, metavar="MODEL")
+    e.add_argument("--paper", metavar="MODEL", help="also score this paper-form model file (a 'paper form' row)")
+    e.add_argument("--heads", metavar="FILE",
+                   help="first generated tokens of FILE's rows (JSONL id, head_ids): score the model's "
+                        "re-predictor after 16 and 32 tokens")
+    e.add_argument("--train", metavar="FILE",
+                   help="JSONL to fit the baselines on (default: the training rows stored in the model)")
+    e.add_argument("--embedder", default=None,
+                   help="embedder to load (default: the one recorded in the model; must match it)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
+    e.add_argument("--quantile", type=float, default=None, help="override the model's high quantile")
+    e.add_argument("--runaway-threshold", type=float, default=0.5,
+                   help="flag a runaway when P(length >= max_tokens) from the trees is at least this")
+    e.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    e.add_argument("--predictions", metavar="OUT.jsonl",
+                   help="also write FILE's rows with the forest's predicted_tokens and predicted_high (what "
+                        "`magnus simulate --prediction file` replays: the real predictor's errors, not an oracle)")
+    e.set_defaults(func=cmd_eval)
+
+    i = leaves.add_parser("info", help="print a model file's metadata")
+    i.add_argument("model", metavar="MODEL")
+    i.set_defaults(func=cmd_info)
+
+
+def _featurize(rows: Sequence[Row], embedder: Embedder) -> np.ndarray:
+    return FeatureExtractor(embedder).transform([r.app_text for r in rows], [r.user_text for r in rows],
+                                                [r.input_tokens for r in rows], show_progress=True)
+
+
+def _predict_rows(model: LengthForest | RunawayMixture, rows: Sequence[Row], X: np.ndarray,
+                  quantile: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    caps = [r.max_tokens for r in rows]
+    point, high, p_run = model.predict_lengths(X, np.array([m or 0 for m in caps], dtype=np.float64), quantile)
+    point = finalize(point, caps)
+    return point, np.maximum(point, finalize(np.ceil(high), caps)), p_run
+
+
+def read_heads(path: str) -> dict[str, list[int]]:
+    """``{id: head_ids}`` of a ``bench.prefix`` file."""
+    with open(path, encoding="utf-8") as f:
+        return {rec["id"]: list(rec["head_ids"]) for rec in map(json.loads, filter(str.strip, f))}
+
+
+def head_rows(rows: Sequence[Row], heads: dict[str, list[int]], p_run: np.ndarray,
+              point: np.ndarray) -> list[HeadRow]:
+    """Re-predictor inputs of ``rows`` (every row needs a head in ``heads`` and a max_tokens)."""
+    missing = [r.id for r in rows if r.id not in heads or r.max_tokens is None]
+    if missing:
+        raise ValueError(f"{len(missing)} rows have no head tokens or no max_tokens (e.g. {missing[:3]})")
+    return [HeadRow(float(p), float(pt), r.input_tokens, int(r.max_tokens or 0), heads[r.id] or [0])
+            for r, p, pt in zip(rows, p_run, point, strict=True)]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train and save a model file; prints a short summary."""
+    params = ForestParams(n_estimators=args.n_estimators, max_depth=args.max_depth,
+                          min_samples_leaf=args.min_samples_leaf, quantile=args.quantile, seed=args.seed,
+                          n_jobs=args.n_jobs, target=args.target)
+    rows = (load_request_log(args.from_log, drop_truncated=args.drop_truncated, limit=args.limit)
+            if args.from_log else load_jsonl(args.from_jsonl)[: args.limit])
+    if not rows:
+        print("no rows to train on", file=sys.stderr)
+        return 1
+    if not 0.0 <= args.holdout < 1.0:
+        print("--holdout must be in [0, 1)", file=sys.stderr)
+        return 2
+    order = np.random.default_rng(args.seed).permutation(len(rows))
+    n_hold = int(round(args.holdout * len(rows)))
+    hold = [rows[i] for i in order[:n_hold]]
+    fit_rows = [rows[i] for i in sorted(order[n_hold:])]
+    if not fit_rows:
+        print("nothing left to train on after --holdout", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    embedder = Embedder(args.embedder, device=args.device, threads=args.threads)
+    X = _featurize(fit_rows, embedder)
+    train = TrainingSet(embedder.name, embedder.dim, X, np.array([r.output_tokens for r in fit_rows]),
+                        [r.app_text for r in fit_rows], served_model=args.served_model,
+                        max_tokens=np.array([r.max_tokens or 0 for r in fit_rows]))
+    forest: LengthForest | RunawayMixture
+    if args.form == "paper":
+        forest = LengthForest.fit(train, params, show_progress=True)
+    else:
+        forest = RunawayMixture.fit(train, MixtureParams(quantile=args.quantile, seed=args.seed, n_jobs=args.n_jobs))
+        if args.heads:
+            assert forest.oob is not None
+            p_oob, point_oob = forest.oob
+            forest.repredictor = Repredictor(args.quantile, args.seed).fit(
+                head_rows(fit_rows, read_heads(args.heads), p_oob, point_oob), [r.output_tokens for r in fit_rows])
+    if hold:
+        point, high, _ = _predict_rows(forest, hold, _featurize(hold, embedder), None)
+        m = evaluate_groups(["all"] * len(hold), np.array([r.output_tokens for r in hold]),
+                            {"forest": point}, {"forest": high})["overall"]["forest"]
+        forest.meta.metrics.update(
+            {f"holdout_{k}": float(v) for k, v in m.as_dict().items() if v is not None})
+    forest.save(args.out)
+    metrics = ", ".join(f"{k} {v:.3g}" for k, v in forest.meta.metrics.items())
+    elapsed = time.perf_counter() - started
+    print(f"trained on {len(train)} rows with {embedder.name} in {elapsed:.1f}s: {metrics}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a model file against every cheap baseline on a JSONL file; prints markdown.
+
+    Baselines (``predictor.evaluate.BASELINES``) are fitted on ``--train`` if given, else on the
+    training rows stored in the model file. Every method's prediction is rounded, at least 1, and
+    capped by the row's ``max_tokens`` when present. The runaway score of a row is the model's
+    P(length >= max_tokens).
+    """
+    forest = load_length_model(args.model)
+    embedder = Embedder(args.embedder or forest.meta.embedder, device=args.device, threads=args.threads)
+    if embedder.name != forest.meta.embedder or embedder.dim != forest.meta.dim:
+        forest = load_length_model(args.model, embedder.name, embedder.dim)  # raises the mismatch
+    rows = load_jsonl(args.file)
+    if not rows:
+        print("no rows to evaluate", file=sys.stderr)
+        return 1
+    if args.train:
+        base_rows = load_jsonl(args.train)
+        b_apps, b_x = [r.app_text for r in base_rows], np.array([r.input_tokens for r in base_rows])
+        b_y = np.array([r.output_tokens for r in base_rows])
+    elif forest.train is not None and len(forest.train):
+        b_apps, b_x, b_y = forest.train.apps, forest.train.input_tokens, forest.train.y
+    else:
+        print("the model holds no training rows; pass --train FILE for the baselines", file=sys.stderr)
+        return 2
+    quantile = args.quantile if args.quantile is not None else forest.quantile
+    X = _featurize(rows, embedder)
+    point, high, score = _predict_rows(forest, rows, X, args.quantile)
+    extra = {}
+    if args.paper:
+        paper = load_length_model(args.paper, embedder.name, embedder.dim)
+        extra["paper form"] = _predict_rows(paper, rows, X, None)[0]
+    name = ("P(length >= max_tokens), the share of trees predicting at least max_tokens" if forest.form == "paper"
+            else "the runaway classifier's P(length >= max_tokens)")
+    report = yardstick(b_apps, b_x, b_y, rows, point, high, quantile, score, args.runaway_threshold, name,
+                       extra=extra)
+    print(report.markdown())
+    reprediction = None
+    if args.heads:
+        if forest.repredictor is None:
+            print("the model has no re-predictor (train with --heads)", file=sys.stderr)
+            return 2
+        reprediction = repredict_report(forest.repredictor, rows, read_heads(args.heads), score, point,
+                                        head_rows, args.runaway_threshold)
+        print("\n" + reprediction.markdown())
+    if args.predictions:
+        with open(args.file, encoding="utf-8") as f:
+            raw = [json.loads(line) for line in f if line.strip()]
+        with open(args.predictions, "w", encoding="utf-8") as f:
+            for rec, p, h in zip(raw, point, high, strict=True):
+                f.write(json.dumps({**rec, "predicted_tokens": int(p), "predicted_high": int(h)}) + "\n")
+    if args.json:
+        payload: dict[str, Any] = {
+            "model": args.model, "eval_file": args.file,
+            "baselines_fit_on": args.train or "model training rows",
+            "quantile": quantile, "meta": asdict(forest.meta), **report.as_dict(),
+            "reprediction": None if reprediction is None else reprediction.as_dict(),
+            "results": {g: {m: v.as_dict() for m, v in by.items()} for g, by in report.results.items()},
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a model file's metadata as JSON."""
+    forest = load_length_model(args.model)
+    print(json.dumps(asdict(forest.meta), indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point: ``python -m predictor.cli predictor train ...``."""
+    parser = argparse.ArgumentParser(prog="magnus")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
