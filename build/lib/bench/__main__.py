@@ -1,5 +1,0 @@
-"""``python -m bench LEAF ...`` (the same leaves as ``magnus bench``)."""
-
-from bench.cli import main
-
-raise SystemExit(main())

@@ -1,1 +1,0 @@
-"""The ``magnus`` command line: one entry point that mounts each package's subcommands."""

@@ -1,5 +1,0 @@
-import sys
-
-from magnus.cli import main
-
-sys.exit(main())
