@@ -443,7 +443,7 @@ def test_cancel_while_running_keeps_the_batch(loaded: Server) -> None:
         started = asyncio.Event()
 
         async def leaver() -> None:
-            s = await c.completions.create(model="tiny", prompt="leave", max_tokens=300, temperature=0, stream=True)
+            s = await c.completions.create(model="tiny", prompt="leave", max_tokens=1000, temperature=0, stream=True)
             n = 0
             async for _ in s:
                 n += 1
@@ -457,7 +457,8 @@ def test_cancel_while_running_keeps_the_batch(loaded: Server) -> None:
             return r.usage.completion_tokens, r.choices[0].finish_reason
 
         tasks = [asyncio.create_task(leaver())] + [asyncio.create_task(stayer(i)) for i in range(3)]
-        quitter = asyncio.create_task(c.completions.create(model="tiny", prompt="quit", max_tokens=300))
+        # long enough to still run when the server notices the client left (it checks every second)
+        quitter = asyncio.create_task(c.completions.create(model="tiny", prompt="quit", max_tokens=1000))
         await asyncio.wait_for(started.wait(), 30)
         await asyncio.sleep(0.2)
         quitter.cancel()
