@@ -163,6 +163,45 @@ def test_ccb_joiner_waits_for_the_next_iteration_boundary() -> None:
     assert stats.total_tokens == 55
 
 
+def test_pcb_preempts_rows_that_outgrow_short_predictions_and_resumes_them() -> None:
+    # Predictions 10x too short: pcb admits by them, the rows outgrow their reservations, and the
+    # progress reports make it preempt; each preempted row resumes with the tokens it had.
+    cap_tokens = 12_000
+    hw = replace(V100, mem_bytes=CHATGLM_6B.weight_bytes + cap_tokens * CHATGLM_6B.delta)
+    setup = CostSetup(CHATGLM_6B, hw, hw, "test")
+    reqs = sim_requests([(200, 400, 512, 0.01 * i, 40) for i in range(60)])
+    policy = build_policy("pcb", setup, PolicyParams())
+    stats = Simulation(policy, setup.cost("pcb"), 1).run(reqs)
+    assert all(r.status in OK and r.output_tokens == 400 for r in reqs)
+    assert stats.preemptions >= 5 and sum(r.preemptions for r in reqs) == stats.preemptions
+    assert stats.oom_batches == 0 and stats.peak_kv_frac <= 1.0
+    assert stats.total_tokens == 60 * 400  # a resumed row generates only what it lacked
+    # without progress reports (as CCB's policy), nothing is preempted: the same rows are admitted by
+    # max_tokens and run to the end
+    ccb_reqs = sim_requests([(200, 400, 512, 0.01 * i, 40) for i in range(60)])
+    ccb = Simulation(build_policy("ccb", setup, PolicyParams()), setup.cost("ccb"), 1).run(ccb_reqs)
+    assert ccb.preemptions == 0 and all(r.preemptions == 0 for r in ccb_reqs)
+
+
+def test_pcb_swaps_a_long_running_request_for_a_much_shorter_waiting_one() -> None:
+    # One running slot: a 500-token request runs; a 10-token one arrives. pcb preempts the long
+    # one at its next progress report, so the short one ends long before the long one would have.
+    setup = SETUP
+    reqs = sim_requests([(50, 500, 512, 0.0, 500), (50, 10, 512, 1.0, 10)])
+    policy = build_policy("pcb", setup, PolicyParams(max_batch_size=1))
+    stats = Simulation(policy, setup.cost("pcb"), 1).run(reqs)
+    long, short = reqs
+    assert stats.preemptions == 1 and long.preemptions == 1
+    assert short.finished_at < long.finished_at
+    assert long.output_tokens == 500 and short.output_tokens == 10
+    # the same trace without the swap (swap_factor 0 keeps the order of admission)
+    again = sim_requests([(50, 500, 512, 0.0, 500), (50, 10, 512, 1.0, 10)])
+    policy = build_policy("pcb", setup, PolicyParams(max_batch_size=1))
+    policy.swap_factor = 0.0
+    Simulation(policy, setup.cost("pcb"), 1).run(again)
+    assert again[1].finished_at > again[0].finished_at > short.finished_at
+
+
 def test_oom_splits_and_finishes_everything() -> None:
     # A device whose KV capacity holds 12,000 tokens; ABP is told 4x more memory than there is,
     # and predictions are 4x too short, so its batches run out of memory and get split.

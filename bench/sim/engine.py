@@ -7,13 +7,18 @@ same code the server runs) driven on a virtual clock; only the workers are simul
   device memory, the batch runs out of memory while producing token ``g0``, the first whose
   cache crosses the limit: ``batch_time(b, L, g0)`` is charged, then an OOM output goes to the core.
   The worker takes its next batch ``turnaround_s`` after a batch ends (the engine's round trip).
-* Continuous workers (CCB, pcb): iteration-level. Not simulated for pcb: the workers' progress
-  reports, so neither re-prediction while decoding nor preemption (pcb runs with admission by
-  its reservation and HRRN order only). Requests the policy admits join at the worker's
+* Continuous workers (CCB, pcb): iteration-level. Requests the policy admits join at the worker's
   next iteration boundary; that iteration costs ``prefill_time`` of the joiners plus
   ``step_time(running, mean KV tokens)`` of the others. A request leaves after its TRUE length
   and is reported as a batch of one. Iterations in which nothing joins or leaves are summed in
   one event (a "segment"); an admission mid-segment cuts it at the next boundary.
+* Progress and preemption (policies that act on progress, pcb): every ``progress_every``
+  iterations, as the iteration-level worker, the core gets each running row's length
+  (``update_progress``); the rows the policy names leave at once, their cache freed, and wait
+  again (``update_preempted``); readmitted, a row prefills its prompt plus the tokens it had and
+  generates the rest of its TRUE length. Not simulated: the repetition-loop flag and re-prediction
+  from the first generated tokens (the simulator has no tokens), so pcb orders by its arrival
+  predictions only.
 
 Events at the same time are all handled before the core is asked for work, as in the engine.
 """
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from scheduler.batch import Batch
-from scheduler.contract import BatchOutput, BatchStats, Outcome, RowOutput
+from scheduler.contract import BatchOutput, BatchStats, Outcome, Preempted, RowOutput, RowProgress
 from scheduler.core import Dispatch, SchedulerCore, Update
 from scheduler.costmodel import CostModel
 from scheduler.policy import Policy
@@ -49,6 +54,7 @@ class SimStats:
     peak_reserved_frac: float = 0.0  # CCB: largest admission reservation / Theta (forced lone runs excluded)
     events: int = 0
     makespan: float = 0.0
+    preemptions: int = 0  # continuous rows the policy had the worker drop (they resumed later)
 
     @property
     def mean_batch(self) -> float:
@@ -61,9 +67,14 @@ class _Running:
 
     req: Request
     batch_id: int  # the core's batch (of one) it was dispatched in
-    start_it: int  # iteration whose end gives its first token
+    start_it: int  # iteration whose end gives its first token (of this residency)
     end_it: int  # iteration whose end gives its last token (or where it runs out of memory)
     oom: bool = False
+    base: int = 0  # cached tokens at the join: its prompt plus the tokens it resumed with
+
+    def generated(self, it: int) -> int:
+        """Tokens it has at the end of iteration ``it`` (resumed ones included)."""
+        return len(self.req.resume_ids) + max(0, it - self.start_it + 1)
 
 
 @dataclass
@@ -103,6 +114,7 @@ class Simulation:
         progress: bool = False,
         turnaround_s: float = 0.0,
         early_exit: bool = False,
+        progress_every: int = 8,
     ) -> None:
         if n_workers < 1:
             raise ValueError("need at least one worker")
@@ -120,6 +132,11 @@ class Simulation:
         self.turnaround_s = turnaround_s
         self.early_exit = early_exit
         self.continuous = policy.continuous
+        if progress_every < 1:
+            raise ValueError("progress_every must be >= 1")
+        # progress reports only where the policy acts on them (its on_progress is its own)
+        acts = type(policy).on_progress is not Policy.on_progress
+        self.progress_every = progress_every if self.continuous and acts else 0
         self.core = SchedulerCore(policy, [self.continuous] * n_workers)
         self.stats = SimStats()
         self.batches: list[Batch] = []  # every dispatched batch, in dispatch order
@@ -333,7 +350,8 @@ class Simulation:
         wk.version += 1
         if wk.pending:
             new, wk.pending = wk.pending, []
-            dt = self.cost.prefill_time(len(new), max(d.batch.max_prompt for d in new))
+            dt = self.cost.prefill_time(len(new), max(r.prompt_tokens + len(r.resume_ids)
+                                                      for d in new for r in d.batch.requests))
             if wk.n:
                 dt += self._step(wk.n, wk.kv)
                 wk.kv += wk.n
@@ -346,6 +364,8 @@ class Simulation:
         elif wk.n:
             wk.seg = (now, wk.it, wk.kv)
             t, target = now, wk.heap[0][0]
+            if self.progress_every:  # stop at the next progress report
+                target = min(target, (wk.it // self.progress_every + 1) * self.progress_every)
             n, kv, it = wk.n, wk.kv, wk.it
             while it < target:
                 t += self._step(n, kv)
@@ -364,8 +384,9 @@ class Simulation:
 
     def _join(self, wk: _Continuous, d: Dispatch, first_token: float) -> None:
         (r,) = d.batch.requests
-        prompt, g = r.prompt_tokens, r.true_tokens
-        run = _Running(r, d.batch.id, wk.it, wk.it + g - 1)  # type: ignore[operator]
+        prompt = r.prompt_tokens + len(r.resume_ids)  # a resumed row prefills the tokens it had too
+        g = r.true_tokens - len(r.resume_ids)  # type: ignore[operator]
+        run = _Running(r, d.batch.id, wk.it, wk.it + g - 1, base=prompt)
         if wk.kv + prompt + g > self.kv_cap:  # only a force-admitted request can be this large
             g0 = max(math.floor(self.kv_cap - wk.kv - prompt) + 1, 1)
             run.end_it, run.oom = wk.it + g0 - 1, True
@@ -401,7 +422,7 @@ class Simulation:
             r = run.req
             gen = run.end_it - run.start_it + 1
             wk.n -= 1
-            wk.kv -= r.prompt_tokens + gen
+            wk.kv -= run.base + gen
             stats = BatchStats(run.batch_id, 1, r.prompt_tokens, gen, 0.0, 0.0, gen, gen, oom=run.oom)
             if run.oom:
                 self.stats.oom_batches += 1
@@ -409,6 +430,28 @@ class Simulation:
             else:
                 out = BatchOutput(run.batch_id, Outcome.OK, [_row(r, r.true_tokens)], stats)  # type: ignore[arg-type]
             self._count(self.core.update_from_output(w, out, now))
+        if wk.n and self.progress_every and wk.it % self.progress_every == 0:
+            self._report_progress(w, now)
         if not wk.n:
             wk.kv = 0.0  # no float drift when empty
         # the dispatch that follows admits joiners and plans the next step
+
+    def _report_progress(self, w: int, now: float) -> None:
+        """The worker's progress report; the rows the policy names leave (their cache freed) and
+        wait again with the tokens they had."""
+        wk = self._ccb[w]
+        runs = {run.req.id: run for _, _, run in wk.heap}
+        progress = [RowProgress(rid, run.generated(wk.it), False) for rid, run in runs.items()]
+        victims = [r for r in self.core.update_progress(w, progress, now) if r.id in runs]
+        if not victims:
+            return
+        dropped = []
+        for r in victims:
+            run = runs.pop(r.id)
+            wk.n -= 1
+            wk.kv -= run.base + (wk.it - run.start_it + 1)
+            dropped.append(Preempted(r.id, [0] * run.generated(wk.it)))
+        wk.heap = [e for e in wk.heap if e[2].req.id in runs]
+        heapq.heapify(wk.heap)
+        self.stats.preemptions += len(dropped)
+        self._count(self.core.update_preempted(w, dropped, now))

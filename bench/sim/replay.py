@@ -62,10 +62,12 @@ def read_records(path: str | Path) -> tuple[dict, list[RequestRecord]]:
     return dict(doc.get("config") or {}), records
 
 
-def logged_predictions(db: str | Path) -> dict[str, int]:
-    """The server's length prediction per completion id (predictive policies log one)."""
+def logged_predictions(db: str | Path) -> dict[str, tuple[int, int | None]]:
+    """The server's length prediction (point, high) per completion id (predictive policies log one)."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return dict(conn.execute("SELECT id, predicted_tokens FROM requests WHERE predicted_tokens IS NOT NULL"))
+        rows = conn.execute(
+            "SELECT id, predicted_tokens, predicted_high FROM requests WHERE predicted_tokens IS NOT NULL")
+        return {rid: (int(p), None if h is None else int(h)) for rid, p, h in rows}
 
 
 def replay_workload(records: Sequence[RequestRecord], db: str | Path | None = None) -> Workload:
@@ -86,8 +88,8 @@ def replay_workload(records: Sequence[RequestRecord], db: str | Path | None = No
         else:
             out, guessed = r.max_tokens, guessed + 1
         prompt = r.prompt_tokens or median_prompt
-        pred = predicted.get(r.response_id) if r.response_id else None
-        rows.append(Row(f"{r.id}#{k}", r.app, prompt, prompt, r.max_tokens, max(1, out), pred))
+        pred, high = predicted.get(r.response_id, (None, None)) if r.response_id else (None, None)
+        rows.append(Row(f"{r.id}#{k}", r.app, prompt, prompt, r.max_tokens, max(1, out), pred, high))
     t0 = recs[0].send
     notes = [f"replay of {len(recs)} measured requests: their send times, prompt and completion tokens"]
     with_pred = sum(row.predicted_tokens is not None for row in rows)

@@ -39,9 +39,10 @@ def comparison_table(runs: Sequence[PolicyRun]) -> str:
     """One row per run: the load generator's metrics plus batch statistics."""
     head = (
         "| policy | rate (req/s) | completed / sent | errors | throughput (req/s) | mean RT (s) | p50 RT | "
-        "p95 RT | p99 RT | mean TTFT (s) | valid tok/s | total tok/s | batches | mean batch | OOM batches |"
+        "p95 RT | p99 RT | mean TTFT (s) | valid tok/s | total tok/s | batches | mean batch | OOM batches | "
+        "preemptions |"
     )
-    lines = [head, "| --- |" + " ---: |" * 14]
+    lines = [head, "| --- |" + " ---: |" * 15]
     for r in runs:
         s, rt = r.summary, r.summary.response_time
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(s.errors.items())) or "0"
@@ -49,7 +50,8 @@ def comparison_table(runs: Sequence[PolicyRun]) -> str:
             f"| {r.policy} | {'file' if r.rate is None else f'{r.rate:g}'} | {s.completed} / {s.sent} | {errors} "
             f"| {_f(s.request_throughput, 3)} | {_f(rt['mean'])} | {_f(rt['p50'])} | {_f(rt['p95'])} "
             f"| {_f(rt['p99'])} | {_f(s.ttft['mean'])} | {_f(s.valid_token_throughput, 1)} "
-            f"| {_f(s.total_token_throughput, 1)} | {r.sim.batches} | {r.sim.mean_batch:.1f} | {r.sim.oom_batches} |"
+            f"| {_f(s.total_token_throughput, 1)} | {r.sim.batches} | {r.sim.mean_batch:.1f} | {r.sim.oom_batches} "
+            f"| {r.sim.preemptions} |"
         )
     return "\n".join(lines)
 

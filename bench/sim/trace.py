@@ -13,7 +13,14 @@ from bench.sim.engine import Simulation
 from bench.sim.replay import NO_OVERHEADS, Overheads
 from bench.sim.report import PolicyRun
 from bench.sim.setup import CostSetup, PolicyParams, build_policy
-from bench.sim.workload import DEFAULT_NOISE_SIGMA, Row, Workload, predictions, sample_indices
+from bench.sim.workload import (
+    DEFAULT_NOISE_SIGMA,
+    Row,
+    Workload,
+    prediction_highs,
+    predictions,
+    sample_indices,
+)
 from predictor.types import Prediction
 from scheduler.request import FailureCode, Request, RequestStatus
 
@@ -27,6 +34,7 @@ class Trace:
     index: np.ndarray  # row of each request
     arrivals: np.ndarray  # seconds
     predicted: list[int]  # per row
+    predicted_high: list[int]  # per row: the high estimate (= predicted without a calibrated one)
 
 
 def make_trace(
@@ -54,7 +62,7 @@ def make_trace(
     else:
         index = sample_indices(len(rows), n, seed)
         arrivals = arrival_times(len(index), rate, burstiness, np.random.default_rng(seed + 2))
-    return Trace(rows, index, arrivals, pred)
+    return Trace(rows, index, arrivals, pred, prediction_highs(rows, prediction, pred))
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,7 @@ def trace_requests(trace: Trace, with_prediction: bool, ingress_s: float = 0.0) 
     out = []
     for k, (i, t) in enumerate(zip(trace.index.tolist(), trace.arrivals.tolist(), strict=True)):
         row = trace.rows[i]
-        pred = Prediction(trace.predicted[i], trace.predicted[i], "simulated") if with_prediction else None
+        pred = Prediction(trace.predicted[i], trace.predicted_high[i], "simulated") if with_prediction else None
         req = Request(
             id=f"{row.id}#{k}", prompt_tokens=row.prompt_tokens, max_tokens=row.max_tokens, arrival=t + ingress_s,
             prediction=pred, true_tokens=row.output_tokens,

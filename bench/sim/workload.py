@@ -61,6 +61,7 @@ class Row:
     max_tokens: int
     output_tokens: int  # true generation length, 1..max_tokens
     predicted_tokens: int | None = None  # from the file, when present
+    predicted_high: int | None = None  # the predictor's high estimate, from the file, when present
 
 
 @dataclass
@@ -118,8 +119,9 @@ def load_workload(path: str, lengths: str = "auto", seed: int = 0) -> Workload:
             out = int(min(max_tokens, max(1, int(r["output_tokens"]))))
         else:
             out = synthetic_output(app, max_tokens, rng, inp)
-        pred = r.get("predicted_tokens")
-        rows.append(Row(str(r["id"]), app, inp, prompt, max_tokens, out, None if pred is None else int(pred)))
+        pred, high = r.get("predicted_tokens"), r.get("predicted_high")
+        rows.append(Row(str(r["id"]), app, inp, prompt, max_tokens, out, None if pred is None else int(pred),
+                        None if high is None else int(high)))
     arrivals = [float(r["arrival"]) for r in raw] if all("arrival" in r for r in raw) else None
     notes = []
     if not use_truth:
@@ -151,6 +153,16 @@ def predictions(rows: Sequence[Row], mode: str, sigma: float = DEFAULT_NOISE_SIG
             raise ValueError(f"--prediction file: {missing} rows lack predicted_tokens")
         return [max(1, int(r.predicted_tokens)) for r in rows]  # type: ignore[arg-type]
     raise ValueError(f"unknown prediction mode {mode!r}; use oracle, noisy or file")
+
+
+def prediction_highs(rows: Sequence[Row], mode: str, points: Sequence[int]) -> list[int]:
+    """The high estimate per row: the file's ``predicted_high`` with ``--prediction file`` (the
+    point where a row has none), else the point itself (oracle and noisy predictions have no
+    calibrated quantile)."""
+    if mode != "file":
+        return list(points)
+    return [max(p, int(r.predicted_high)) if r.predicted_high is not None else p
+            for r, p in zip(rows, points, strict=True)]
 
 
 def sample_indices(n_rows: int, n: int | None, seed: int) -> np.ndarray:
