@@ -318,6 +318,23 @@ def test_cli_sweep_writes_json_markdown_and_plots(tmp_path: Path, capsys: pytest
     assert (tmp_path / "t_mean_response_time.png").stat().st_size > 1000
 
 
+def test_cli_policy_variants_carry_their_own_knobs(tmp_path: Path) -> None:
+    wl = write_rows(tmp_path / "w.jsonl", synthetic_rows(60))
+    out = tmp_path / "r.json"
+    rc = main([str(wl), "--policies", "vs,vs:batch_size=32,magnus:batch_exit=literal", "--rate", "40", "--n", "150",
+               "--workers", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    runs = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"vs", "vs:batch_size=32", "magnus:batch_exit=literal"}
+    assert runs["vs"]["sim"]["mean_batch"] <= 8 < runs["vs:batch_size=32"]["sim"]["mean_batch"]
+    # literal static batches compute every row to the batch's longest: padding tokens appear
+    literal = runs["magnus:batch_exit=literal"]
+    assert literal["sim"]["total_tokens"] > literal["summary"]["valid_tokens"]
+    assert runs["vs"]["sim"]["total_tokens"] == runs["vs"]["summary"]["valid_tokens"]  # early exit: none
+    assert main([str(wl), "--policies", "vs:batchsize=3", "--rate", "1", "--no-progress"]) == 2
+    assert main([str(wl), "--policies", "nope", "--rate", "1", "--no-progress"]) == 2
+
+
 def test_register_simulate_adds_the_command(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser(prog="magnus")
     register_simulate(parser.add_subparsers(dest="command", required=True))

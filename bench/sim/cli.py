@@ -22,7 +22,7 @@ import shlex
 import sqlite3
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from bench.loadgen.load import summarize, summary_table
@@ -35,6 +35,28 @@ from scheduler.costmodel import HARDWARE, MODELS
 from scheduler.factory import POLICIES
 
 POLICY_ORDER = ("vs", "vsq", "ccb", "pcb", "glp", "abp", "magnus")
+_KNOBS = {f.name: f.type for f in fields(PolicyParams)}
+
+
+def parse_policy(spec: str, base: PolicyParams, batch_exit: str) -> tuple[str, PolicyParams, str]:
+    """``NAME[:KEY=VALUE]...`` as ``magnus bench compare`` takes it (``vs:batch_size=64``,
+    ``magnus:batch_exit=literal``, ``pcb:max_batch_size=256``): the policy, its knobs on top of the
+    shared ones, and its static-batch exit. Keys: the ``PolicyParams`` fields and ``batch_exit``."""
+    name, *items = spec.split(":")
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r} in {spec!r}; known: {sorted(POLICIES)}")
+    own: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or (key not in _KNOBS and key != "batch_exit"):
+            raise ValueError(f"{spec!r}: {item!r} is not KEY=VALUE with KEY one of {sorted(_KNOBS) + ['batch_exit']}")
+        if key == "batch_exit":
+            if value not in ("early", "literal"):
+                raise ValueError(f"{spec!r}: batch_exit is early or literal")
+            batch_exit = value
+        else:
+            own[key] = float(value) if "float" in str(_KNOBS[key]) else int(value)
+    return name, replace(base, **own), batch_exit  # type: ignore[arg-type]
 
 
 # -- CLI -------------------------------------------------------------------------------------------
@@ -51,7 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "requests at their send times, and a measured-vs-simulated table")
     p.add_argument("--overheads", default="auto", choices=("auto", "none"),
                    help="auto: with --replay and a log, add the ingress/egress/turnaround fitted from them")
-    p.add_argument("--policies", default=",".join(POLICY_ORDER), help="comma-separated (default: all of them)")
+    p.add_argument("--policies", default=",".join(POLICY_ORDER),
+                   help="comma-separated (default: all of them); a policy may carry its own knobs, as "
+                        "compare's variants: vs:batch_size=64, magnus:batch_exit=literal, pcb:max_batch_size=256")
     p.add_argument("--rate", type=float, help="mean requests per second (omit: the file's 'arrival')")
     p.add_argument("--rates", type=_floats, help="comma-separated rates to sweep (overrides --rate)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape 1/B; 1 = Poisson")
@@ -97,9 +121,12 @@ def _command_line() -> str:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run the simulation(s) the arguments describe; print and write the results."""
     names = [x.strip().lower() for x in args.policies.split(",") if x.strip()]
-    unknown = [x for x in names if x not in POLICIES]
-    if unknown:
-        print(f"unknown policies {unknown}; known: {sorted(POLICIES)}", file=sys.stderr)
+    params = PolicyParams(args.batch_size, args.max_wait, args.min_wait, args.phi, args.max_batch_size,
+                          args.reserve_frac, args.estimator_interval)
+    try:
+        specs = [parse_policy(x, params, args.batch_exit) for x in names]
+    except ValueError as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
         return 2
     if (args.workload is None) == (args.replay is None):
         print("simulate: give a workload file or --replay RECORDS.json (one of them)", file=sys.stderr)
@@ -125,8 +152,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except (ValueError, OSError, sqlite3.Error, TypeError, KeyError) as exc:
         print(f"simulate: {exc}", file=sys.stderr)
         return 2
-    params = PolicyParams(args.batch_size, args.max_wait, args.min_wait, args.phi, args.max_batch_size,
-                          args.reserve_frac, args.estimator_interval)
     rates: Sequence[float | None] = args.rates or [args.rate]
     notes = list(workload.notes)
     notes.append(f"cost model: {setup.source}")
@@ -142,7 +167,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     notes.append(f"{args.workers} workers; Theta {mem.theta / 2**30:.1f} GiB = {mem.theta / mem.delta:,.0f} KV tokens "
                  f"(Delta {mem.delta / 1024:.0f} KiB/token, reserve {params.reserve_frac:g}); "
                  f"policy defaults unless given: {asdict(params)}")
-    if "vsq" in names:
+    if any(name == "vsq" for name, _, _ in specs):
         q = setup.cost("vsq").model
         notes.append(f"VSQ runs {q.name}: weights {q.weight_bytes / 2**30:.1f} GiB instead of "
                      f"{model.weight_bytes / 2**30:.1f} GiB in memory; each forward pass reads the packed weights plus one "
@@ -160,12 +185,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"simulate: {exc}", file=sys.stderr)
             return 2
-        for name in names:
-            run, _ = simulate_policy(name, trace, setup, params, args.workers, args.ttft,
-                                     not args.no_progress, rate, overheads, args.batch_exit == "early")
+        for label, (name, own, exit_mode) in zip(names, specs, strict=True):
+            run, _ = simulate_policy(name, trace, setup, own, args.workers, args.ttft,
+                                     not args.no_progress, rate, overheads, exit_mode == "early")
+            run.policy = label
             runs.append(run)
-            print(f"{name} rate={rate}: {run.summary.completed}/{run.summary.sent} done, "
-                  f"{run.wall_s:.1f} s wall", file=sys.stderr)
+            print(f"{label} rate={rate}: {run.summary.completed}/{run.summary.sent} done, "
+                  f"{run.sim.preemptions} preemptions, {run.wall_s:.1f} s wall", file=sys.stderr)
     table = comparison_table(runs)
     if len(runs) == 1:
         print(summary_table(runs[0].summary))
