@@ -22,7 +22,7 @@ from predictor.evaluate import evaluate_groups, finalize, repredict_report, yard
 from predictor.features import FeatureExtractor
 from predictor.forest import TARGETS, ForestParams, LengthForest
 from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
-from predictor.repredict import HeadRow, Repredictor
+from predictor.repredict import HeadRow, fit_from_training_set
 from predictor.trainset import TrainingSet
 
 
@@ -145,9 +145,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     embedder = Embedder(args.embedder, device=args.device, threads=args.threads)
     X = _featurize(fit_rows, embedder)
+    heads = read_heads(args.heads) if args.heads else {}
+    missing = [r.id for r in fit_rows if r.id not in heads or r.max_tokens is None] if args.heads else []
+    if missing:
+        print(f"--heads: {len(missing)} rows have no head tokens or no max_tokens (e.g. {missing[:3]})",
+              file=sys.stderr)
+        return 2
     train = TrainingSet(embedder.name, embedder.dim, X, np.array([r.output_tokens for r in fit_rows]),
                         [r.app_text for r in fit_rows], served_model=args.served_model,
-                        max_tokens=np.array([r.max_tokens or 0 for r in fit_rows]))
+                        max_tokens=np.array([r.max_tokens or 0 for r in fit_rows]),
+                        heads=TrainingSet.pack_heads([heads.get(r.id, []) for r in fit_rows]))
     forest: LengthForest | RunawayMixture
     if args.form == "paper":
         forest = LengthForest.fit(train, params, show_progress=True)
@@ -155,9 +162,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         forest = RunawayMixture.fit(train, MixtureParams(quantile=args.quantile, seed=args.seed, n_jobs=args.n_jobs))
         if args.heads:
             assert forest.oob is not None
-            p_oob, point_oob = forest.oob
-            forest.repredictor = Repredictor(args.quantile, args.seed).fit(
-                head_rows(fit_rows, read_heads(args.heads), p_oob, point_oob), [r.output_tokens for r in fit_rows])
+            forest.repredictor = fit_from_training_set(train, forest.oob, args.quantile, args.seed, min_rows=1)
+            if forest.repredictor is None:
+                print("too few rows with first tokens to fit the re-predictor", file=sys.stderr)
+                return 2
     if hold:
         point, high, _ = _predict_rows(forest, hold, _featurize(hold, embedder), None)
         m = evaluate_groups(["all"] * len(hold), np.array([r.output_tokens for r in hold]),

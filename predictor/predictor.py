@@ -8,6 +8,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from predictor.embedder import Embedder
 from predictor.features import FeatureExtractor
 from predictor.forest import ForestParams, LengthForest
 from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
-from predictor.repredict import HeadRow
+from predictor.repredict import HeadRow, fit_from_training_set
 from predictor.trainset import ModelMismatchError, TrainingSet
 from predictor.types import PredictInput, Prediction
 
@@ -105,6 +106,7 @@ class _Observed:
     input_tokens: int
     true_tokens: int
     max_tokens: int
+    head_ids: list[int]
 
 
 class LengthPredictor:
@@ -255,8 +257,10 @@ class LengthPredictor:
         history.append(true_tokens)
 
     # -- continual learning ---------------------------------------------------------------
-    def observe(self, item: PredictInput, true_tokens: int, predicted: Prediction | None) -> None:
-        """A request finished with ``true_tokens`` generated; ``predicted`` is what it was given.
+    def observe(self, item: PredictInput, true_tokens: int, predicted: Prediction | None,
+                head_ids: Sequence[int] = ()) -> None:
+        """A request finished with ``true_tokens`` generated; ``predicted`` is what it was given;
+        ``head_ids`` its first generated tokens, when known (the re-predictor learns from them).
 
         Cheap and non-blocking: updates the fallback medians and the error statistics, and
         queues the request for the next retraining if ``select_for_training`` picks it.
@@ -278,7 +282,7 @@ class LengthPredictor:
                                    self.cfg.err_abs, self.cfg.err_rel):
                 self._counts["selected"] += 1
                 self._pending.append(_Observed(item.app_text, item.user_text, item.input_tokens, true_tokens,
-                                               item.max_tokens))
+                                               item.max_tokens, list(head_ids)))
 
     def _absorb_pending(self) -> int:
         """Embed the queued requests and append them to the training set; returns how many."""
@@ -290,8 +294,9 @@ class LengthPredictor:
                                      [o.input_tokens for o in pending])
         y = np.array([o.true_tokens for o in pending], dtype=np.float32)
         caps = np.array([o.max_tokens for o in pending], dtype=np.float32)
+        heads = TrainingSet.pack_heads([o.head_ids for o in pending])
         with self._lock:
-            self._train = self._train.extended(X, y, [o.app_text for o in pending], caps)
+            self._train = self._train.extended(X, y, [o.app_text for o in pending], caps, heads)
             self._train_dirty = True
         return len(pending)
 
@@ -322,8 +327,12 @@ class LengthPredictor:
                     return False
                 started = time.perf_counter()
                 forest = self.cfg.fit(train)
+                oob = getattr(forest, "oob", None)
+                fresh = None if oob is None else fit_from_training_set(train, oob, self.cfg.quantile, self.cfg.seed)
                 with self._lock:
-                    if self._model is not None:  # the re-predictor is trained offline: keep it
+                    if fresh is not None:  # enough rows with known first tokens: learn it again
+                        forest.repredictor = fresh
+                    elif self._model is not None:  # else keep the one there was
                         forest.repredictor = self._model.repredictor
                     self._model = forest
                     self._model_dirty = True

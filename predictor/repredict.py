@@ -23,9 +23,11 @@ from threadpoolctl import ThreadpoolController
 
 from predictor.head import head_features
 from predictor.mixture import calibrate, mixture_quantile
+from predictor.trainset import TrainingSet
 from predictor.types import CHECKPOINTS
 
 HEAD_K = CHECKPOINTS[-1]  # the longest head used: tokens past it add nothing
+MIN_HEAD_ROWS = 40  # rows with known first tokens needed before the server (re)fits a re-predictor
 _threads: ThreadpoolController | None = None  # made at the first prediction (it inspects the loaded libraries)
 
 
@@ -112,3 +114,30 @@ class Repredictor:
         point = k + mixture_quantile(0.5, p, mu, self.resid, cap)
         high = k + mixture_quantile(self.calibrated_q, p, mu, self.resid, cap)
         return point, high, p
+
+
+def fit_from_training_set(train: TrainingSet, oob: tuple[np.ndarray, np.ndarray], quantile: float = 0.9,
+                          seed: int = 0, min_rows: int = MIN_HEAD_ROWS) -> Repredictor | None:
+    """A re-predictor fitted on the rows of ``train`` whose first generated tokens and ``max_tokens``
+    are known, given the arrival model's out-of-bag ``(p_runaway, point)`` on every row (a
+    ``RunawayMixture`` fit leaves them in ``.oob``); None with fewer than ``min_rows`` such rows or
+    too few samples. One OpenMP thread, as for predictions: it runs beside the workers."""
+    p_oob, point_oob = oob
+    assert train.max_tokens is not None
+    rows, lengths = [], []
+    for i in range(len(train)):
+        head = train.head(i)
+        cap = int(train.max_tokens[i])
+        if head and cap > 0:
+            rows.append(HeadRow(float(p_oob[i]), float(point_oob[i]), int(train.input_tokens[i]), cap, head))
+            lengths.append(int(train.y[i]))
+    if len(rows) < min_rows:
+        return None
+    global _threads
+    if _threads is None:
+        _threads = ThreadpoolController()
+    try:
+        with _threads.limit(limits=1, user_api="openmp"):
+            return Repredictor(quantile, seed).fit(rows, lengths)
+    except ValueError:
+        return None

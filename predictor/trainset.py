@@ -6,10 +6,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from predictor.features import FEATURE_VERSION, INPUT_TOKENS_COL, N_FEATURES
+from predictor.types import CHECKPOINTS
+
+HEAD_K = CHECKPOINTS[-1]  # generated tokens kept per row for the re-predictor
 
 _FORMAT = "magnus-length-trainset"
 
@@ -53,6 +57,8 @@ class TrainingSet:
     served_model: str | None = None
     # each row's max_tokens (0: unknown). A length at its max_tokens is censored: a lower bound
     max_tokens: np.ndarray | None = None
+    # each row's first HEAD_K generated token ids, -1 padded (all -1: unknown); the re-predictor's data
+    heads: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.X = np.ascontiguousarray(self.X, dtype=np.float32).reshape(-1, N_FEATURES)
@@ -60,8 +66,26 @@ class TrainingSet:
         if self.max_tokens is None:
             self.max_tokens = np.zeros(len(self.y), dtype=np.float32)
         self.max_tokens = np.asarray(self.max_tokens, dtype=np.float32).reshape(-1)
-        if not (len(self.X) == len(self.y) == len(self.apps) == len(self.max_tokens)):
-            raise ValueError("X, y, apps and max_tokens must have the same length")
+        if self.heads is None:
+            self.heads = np.full((len(self.y), HEAD_K), -1, dtype=np.int32)
+        self.heads = np.asarray(self.heads, dtype=np.int32).reshape(-1, HEAD_K)
+        if not (len(self.X) == len(self.y) == len(self.apps) == len(self.max_tokens) == len(self.heads)):
+            raise ValueError("X, y, apps, max_tokens and heads must have the same length")
+
+    @staticmethod
+    def pack_heads(heads: list[list[int]] | list[Any]) -> np.ndarray:
+        """Rows of token ids (any length; empty: unknown) as the -1 padded ``heads`` array."""
+        out = np.full((len(heads), HEAD_K), -1, dtype=np.int32)
+        for i, h in enumerate(heads):
+            ids = list(h or [])[:HEAD_K]
+            out[i, : len(ids)] = ids
+        return out
+
+    def head(self, i: int) -> list[int]:
+        """Row ``i``'s known first generated tokens (empty: unknown)."""
+        assert self.heads is not None
+        row = self.heads[i]
+        return [int(t) for t in row[row >= 0]]
 
     @property
     def censored(self) -> np.ndarray:
@@ -76,14 +100,16 @@ class TrainingSet:
         return self.X[:, INPUT_TOKENS_COL]
 
     def extended(self, X: np.ndarray, y: np.ndarray, apps: list[str],
-                 max_tokens: np.ndarray | None = None) -> TrainingSet:
+                 max_tokens: np.ndarray | None = None, heads: np.ndarray | None = None) -> TrainingSet:
         """A new training set with the rows appended (the original is left untouched)."""
         caps = np.zeros(len(y)) if max_tokens is None else np.asarray(max_tokens)
-        assert self.max_tokens is not None
+        new_heads = np.full((len(y), HEAD_K), -1, dtype=np.int32) if heads is None else heads
+        assert self.max_tokens is not None and self.heads is not None
         return TrainingSet(self.embedder, self.dim, np.vstack([self.X, np.asarray(X, dtype=np.float32)]),
                            np.concatenate([self.y, np.asarray(y, dtype=np.float32)]),
                            self.apps + list(apps), self.feature_version, self.served_model,
-                           np.concatenate([self.max_tokens, caps.astype(np.float32)]))
+                           np.concatenate([self.max_tokens, caps.astype(np.float32)]),
+                           np.vstack([self.heads, np.asarray(new_heads, dtype=np.int32).reshape(-1, HEAD_K)]))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays (no pickled objects) with the metadata as a JSON string."""
@@ -92,6 +118,7 @@ class TrainingSet:
         meta = {"format": _FORMAT, "embedder": self.embedder, "dim": self.dim,
                 "feature_version": self.feature_version, "served_model": self.served_model}
         return {"X": self.X, "y": self.y, "max_tokens": np.asarray(self.max_tokens, dtype=np.float32),
+                "heads": np.asarray(self.heads, dtype=np.int32),
                 "app_idx": np.array([index[a] for a in self.apps], dtype=np.int32),
                 "app_texts": np.array(uniq, dtype=np.str_), "meta": np.array(json.dumps(meta))}
 
@@ -103,8 +130,9 @@ class TrainingSet:
         app_texts = [str(a) for a in arrs["app_texts"]]
         apps = [app_texts[i] for i in np.asarray(arrs["app_idx"])]
         caps = arrs["max_tokens"] if "max_tokens" in arrs else None  # files from before: unknown
+        heads = arrs["heads"] if "heads" in arrs else None
         return cls(meta["embedder"], int(meta["dim"]), arrs["X"], arrs["y"], apps,
-                   int(meta["feature_version"]), meta.get("served_model"), caps)
+                   int(meta["feature_version"]), meta.get("served_model"), caps, heads)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write an ``.npz`` file atomically (temporary file, then rename)."""

@@ -73,6 +73,7 @@ class RowOutput:
     finish_reason: str  # "stop" (end token or stop string) | "length" (max_tokens)
     first_token_time: float | None  # wall clock of the first generated token
     logprobs: list[TokenLogprob | None] | None = None  # every generated token's, when asked (None: replayed)
+    head_ids: list[int] = field(default_factory=list)  # its first HEAD_IDS tokens: the re-predictor learns from them
 
 
 @dataclass

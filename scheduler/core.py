@@ -297,6 +297,8 @@ class SchedulerCore:
         if r is None or r.status != RequestStatus.RUNNING:
             return  # aborted, or already completed by an early row
         r.output_tokens, r.finish_reason = row.output_tokens, row.finish_reason
+        if len(row.head_ids) > len(r.head_ids):
+            r.head_ids = list(row.head_ids)
         del self._requests[r.id]
         self._finish(r, now)
         up.finished.append(r)

@@ -140,7 +140,7 @@ class Learners:
 
     def observe(self, req: Request) -> None:
         """Blocking (run it in a thread): a completed request teaches the predictor."""
-        self.predictor.observe(_item(req), req.output_tokens, req.prediction)
+        self.predictor.observe(_item(req), req.output_tokens, req.prediction, req.head_ids)
 
 
 def build(settings: Settings, info: ModelInfo) -> Learners:

@@ -77,6 +77,18 @@ def test_dispatch_carries_what_a_worker_needs_and_outputs_finish_requests() -> N
     assert core.update_from_output(0, ok_output(d), 3.0).dispatch is None  # a repeated output is ignored
 
 
+def test_a_finished_request_keeps_its_first_generated_tokens() -> None:
+    # what the predictor's continual learning fits the re-predictor on (RowOutput.head_ids)
+    core = create_core("vs", batch_size=2, max_wait=0.0)
+    reqs = create_requests(2)
+    add_all(core, reqs)
+    (d,) = core.schedule(0.0)
+    out = ok_output(d, {"r0": 3})
+    out.rows[0].head_ids = [5, 6, 7]
+    core.update_from_output(0, out, 1.0)
+    assert reqs[0].head_ids == [5, 6, 7] and reqs[1].head_ids == []
+
+
 def test_oom_splits_in_halves_and_a_lone_request_fails() -> None:
     core = create_core("vs", batch_size=4, max_wait=0.0)
     reqs = create_requests(4)

@@ -37,6 +37,7 @@ from predictor.features import (
 )
 from predictor.forest import ForestParams, LengthForest
 from predictor.mixture import load_length_model
+from predictor.repredict import HeadRow
 from predictor.trainset import TrainingSet
 
 APPS = {
@@ -405,3 +406,36 @@ def test_mixture_form_learns_continually_and_keeps_censoring(embedder: Embedder,
     assert model.form == "mixture" and model.meta.metrics["runaway_share"] == pytest.approx(0.25)
     p = pred.predict([to_input(rows[1])])[0]
     assert p.source == "mixture" and p.p_runaway is not None and p.high >= p.tokens
+
+
+def test_the_re_predictor_learns_from_the_first_tokens_of_served_requests(embedder: Embedder, tmp_path: Path) -> None:
+    # Served requests carry their first generated tokens: a runaway's head loops, an answer's does
+    # not. Once enough of them are observed, retraining fits a re-predictor on them; it is saved with
+    # the model and the training set keeps the heads across a restart.
+    rng = np.random.default_rng(5)
+    pred = LengthPredictor(cfg(model_path=str(tmp_path / "m.joblib"), train_set_path=str(tmp_path / "t.npz")),
+                           embedder=embedder)
+    rows = make_rows(80, seed=6)
+    for r in rows:
+        if rng.random() < 0.35:  # runs away (whatever its application): repeats a phrase to max_tokens
+            true, head = 256, [7, 8, 9] * 22
+        else:
+            true = 70 + int(rng.integers(0, 60))
+            head = [int(t) for t in rng.integers(100, 5000, size=64)]
+        pred.observe(to_input(r), true, None, head)
+    pred.observe(to_input(rows[0]), 256, None)  # a row without a head: unknown, not learned from
+    assert pred.retrain_if_due(0.0)
+    model = load_length_model(tmp_path / "m.joblib")
+    assert model.repredictor is not None and model.repredictor.train_rows == 80
+    loop = HeadRow(0.3, 100.0, 10, 256, [7, 8, 9] * 11)
+    varied = HeadRow(0.3, 100.0, 10, 256, [int(t) for t in rng.integers(100, 5000, size=33)])
+    points, _, p_run = model.repredictor.predict([loop, varied])
+    assert p_run[0] > 0.8 > 0.2 > p_run[1] and points[0] > points[1]
+    train = TrainingSet.load(tmp_path / "t.npz")
+    assert sum(bool(train.head(i)) for i in range(len(train))) == 80 and train.head(len(train) - 1) == []
+    # too few rows with heads: the re-predictor there was is kept (here: none)
+    few = LengthPredictor(cfg(model_path=str(tmp_path / "f.joblib")), embedder=embedder)
+    for i, r in enumerate(rows[:30]):
+        few.observe(to_input(r), 256 if i % 3 == 0 else 80, None, [1, 2, 3] * 20)
+    assert few.retrain_if_due(0.0)
+    assert load_length_model(tmp_path / "f.joblib").repredictor is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from scheduler.contract import RowOutput, TokenEvent, TokenLogprob, WorkItem
+from scheduler.contract import HEAD_IDS, RowOutput, TokenEvent, TokenLogprob, WorkItem
 
 
 def eos_ids_of(model, tokenizer) -> set[int]:
@@ -95,4 +95,5 @@ class RequestText:
             self.done, self.finish_reason = True, "length"
         return RowOutput(request_id=self.req.request_id, text=self.text, output_tokens=len(self.ids),
                          finish_reason=self.finish_reason, first_token_time=self.first_token_time,
-                         logprobs=None if self.logprobs is None else list(self.logprobs))
+                         logprobs=None if self.logprobs is None else list(self.logprobs),
+                         head_ids=list(self.ids[:HEAD_IDS]))
