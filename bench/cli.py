@@ -185,7 +185,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return run(args)
 
 
-LEAVES: list[Callable[[Subparsers], None]] = [add_workload, add_truth, add_load, add_compare]
+def add_report(leaves: Subparsers) -> None:
+    p = leaves.add_parser("report", help="the comparison table of kept per-request records, summarized again")
+    p.add_argument("records", nargs="+", type=Path,
+                   help="records_<rate>.json files of compare runs (or bench load --out files)")
+    p.add_argument("--slo", default="ttft:5 tpot:0.5 e2e:60", help="goodput objectives (default %(default)s)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench.loadgen.compare import report_records
+    from bench.loadgen.load import SLO
+
+    try:
+        print(report_records(args.records, SLO.parse(args.slo)))
+    except (OSError, ValueError) as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+LEAVES: list[Callable[[Subparsers], None]] = [add_workload, add_truth, add_load, add_compare, add_report]
 
 
 def add_leaves(leaves: Subparsers) -> None:

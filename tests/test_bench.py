@@ -182,6 +182,20 @@ def test_summary_statistics() -> None:
     assert summary.request_throughput == 0.5
     assert summary.response_time["mean"] == 2.0 and summary.ttft["mean"] == 0.5
     assert summary.valid_token_throughput == 10.0 and summary.total_token_throughput == 20.0
+    assert summary.response_time_with_unanswered["mean"] == 2.0  # an error that answered is no wait
+
+
+def test_unanswered_requests_count_as_the_time_they_waited() -> None:
+    # a policy that leaves requests unanswered must not look faster for it: the mean with the
+    # unanswered counts each at the time until the client gave up (or, without that, the run's end)
+    records = [
+        RequestRecord("a", "mt", 10, send=100.0, first_token=100.5, end=102.0, completion_tokens=10),
+        RequestRecord("b", "mt", 10, send=100.0, status="timeout", gave_up=130.0),
+        RequestRecord("c", "mt", 10, send=101.0, status="timeout"),  # a record from before gave_up was kept
+    ]
+    s = summarize(records)
+    assert s.response_time["mean"] == 2.0  # the answered one only, as vllm bench serve reports
+    assert s.response_time_with_unanswered["mean"] == pytest.approx((2.0 + 30.0 + 1.0) / 3)
 
 
 def test_batch_tokens_sums_batches_in_window(tmp_path: Path) -> None:

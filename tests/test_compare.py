@@ -14,7 +14,7 @@ from PIL import Image
 from bench import cli
 from bench.loadgen.client import make_client
 from bench.loadgen.compare import COMPARE_METRICS, parse_settings
-from bench.loadgen.load import run_load
+from bench.loadgen.load import RequestRecord, result_json, run_load, summarize
 from bench.plots import plot_metrics
 from bench.sim.cli import main as simulate
 from bench.workload.records import Request, read_jsonl
@@ -116,6 +116,22 @@ def test_run_load_with_grace_never_hangs() -> None:
     records, took = asyncio.run(go())
     assert [r.status for r in records] == ["timeout", "timeout"]  # the third arrives after --duration
     assert took < 5
+    assert all(r.gave_up is not None and r.gave_up - r.send >= 0.4 for r in records)  # the grace, waited
+
+
+def test_report_summarizes_kept_records_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recs = [RequestRecord(f"r{i}", "mt", 10, send=float(i), first_token=i + 0.5, end=i + 2.0, completion_tokens=9)
+            for i in range(3)] + [RequestRecord("late", "mt", 10, send=1.0, status="timeout", gave_up=41.0)]
+    paths = []
+    for policy, rate in (("vs", 0.5), ("magnus:batch_exit=literal", 0.5)):
+        path = tmp_path / f"{policy}.json"
+        path.write_text(json.dumps(result_json({"policy": policy, "rate": rate}, summarize(recs), recs)))
+        paths.append(str(path))
+    assert cli.main(["report", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "| 0.5 | vs | 3 / 4 | timeout: 1 |" in out and "| 0.5 | magnus:batch_exit=literal | 3 / 4 |" in out
+    assert "| 2.00 | 2.00 | 2.00 | 2.00 | 11.50 |" in out  # mean, p50, p90, p99 E2E; with the unanswered
+    assert cli.main(["report", str(tmp_path / "missing.json")]) == 2
 
 
 def test_plot_metrics(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.loadgen.load import RequestRecord, result_json, summarize
+from bench.loadgen.load import RequestRecord, read_result, result_json, summarize
 from bench.sim.cli import main
-from bench.sim.replay import Overheads, fit_overheads, read_records, replay_workload
+from bench.sim.replay import Overheads, fit_overheads, replay_workload
 from bench.sim.setup import PolicyParams, cost_setup, load_model_profile
 from bench.sim.trace import make_trace, simulate_policy, to_record
 from bench.sim.workload import Row, Workload
@@ -56,14 +56,14 @@ def test_unanswered_requests_replay_at_max_tokens(tmp_path: Path) -> None:
             RequestRecord("b", "x", 64, send=10.5, status="timeout", error="no answer")]
     path = tmp_path / "r.json"
     path.write_text(json.dumps(result_json({}, summarize(recs), recs)))
-    _, back = read_records(path)
+    _, back = read_result(path)
     wl = replay_workload(back)
     assert wl.arrivals == [0.0, 0.5]
     assert [(r.prompt_tokens, r.output_tokens) for r in wl.rows] == [(30, 5), (30, 64)]
     assert any("not answered" in n for n in wl.notes)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a load result"):
-        read_records(tmp_path / "bad.json")
+        read_result(tmp_path / "bad.json")
 
 
 def _log(db: Path) -> None:

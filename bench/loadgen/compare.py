@@ -68,6 +68,7 @@ class Run:
             "mean_response_time": rt["mean"], "p50_response_time": rt["p50"],
             "p95_response_time": rt["p95"], "p99_response_time": rt["p99"],
             "p90_response_time": rt.get("p90"), "mean_short_half_response_time": s.short_half_response_time.get("mean"),
+            "mean_response_time_with_unanswered": s.response_time_with_unanswered.get("mean"),
             "mean_ttft": ttft["mean"], "p95_ttft": ttft["p95"], "mean_tpot": s.tpot.get("mean"),
             "mean_itl": s.itl.get("mean"), "goodput": s.goodput,
             "valid_token_throughput": s.valid_token_throughput,
@@ -226,18 +227,22 @@ def _f(x: float | None, digits: int = 2) -> str:
 
 
 def comparison_table(runs: Sequence[Run]) -> str:
-    """Markdown: one row per (rate, policy), rates ascending, policies in run order."""
+    """Markdown: one row per (rate, policy), rates ascending, policies in run order. "mean E2E" is
+    over the answered requests (as ``vllm bench serve``); "with unanswered" also counts each
+    timed-out request at the time it waited, a lower bound that does not flatter a policy that
+    leaves requests unanswered."""
     order = {p: i for i, p in enumerate(dict.fromkeys(r.policy for r in runs))}
     head = ("| rate (req/s) | policy | answered / sent | errors | throughput (req/s) | goodput (req/s) "
-            "| mean E2E (s) | p50 E2E | p90 E2E | p99 E2E | shorter half mean E2E | mean TTFT (s) | p90 TTFT "
-            "| mean TPOT (s) | mean ITL (s) | output tok/s | total tok/s |")
-    lines = [head, "| ---: | --- |" + " ---: |" * 15]
+            "| mean E2E (s) | p50 E2E | p90 E2E | p99 E2E | mean E2E with unanswered (>=) | shorter half mean E2E "
+            "| mean TTFT (s) | p90 TTFT | mean TPOT (s) | mean ITL (s) | output tok/s | total tok/s |")
+    lines = [head, "| ---: | --- |" + " ---: |" * 16]
     for r in sorted(runs, key=lambda r: (r.rate, order[r.policy])):
         s, rt, ttft = r.summary, r.summary.response_time, r.summary.ttft
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(s.errors.items())) or "0"
         lines.append(
             f"| {r.rate:g} | {r.policy} | {s.completed} / {s.sent} | {errors} | {_f(s.request_throughput, 3)} "
             f"| {_f(s.goodput, 3)} | {_f(rt['mean'])} | {_f(rt['p50'])} | {_f(rt.get('p90'))} | {_f(rt['p99'])} "
+            f"| {_f(s.response_time_with_unanswered.get('mean'))} "
             f"| {_f(s.short_half_response_time.get('mean'))} | {_f(ttft['mean'])} | {_f(ttft.get('p90'))} "
             f"| {_f(s.tpot.get('mean'), 3)} | {_f(s.itl.get('mean'), 3)} | {_f(s.valid_token_throughput, 1)} "
             f"| {_f(s.total_token_throughput, 1)} |"
@@ -306,6 +311,19 @@ def write_report(out_dir: Path, name: str, doc: dict, runs: Sequence[Run]) -> tu
 
 
 # -- CLI -------------------------------------------------------------------------------------------
+def report_records(paths: Sequence[Path], slo: load.SLO = load.DEFAULT_SLO) -> str:
+    """The comparison table of kept per-request records (``records_<rate>.json`` of ``compare``
+    runs, or ``bench load --out`` files), summarized again by this code: a result's metrics
+    recomputed, or a metric added since, from the committed records."""
+    runs = []
+    for path in paths:
+        config, recs = load.read_result(path)
+        total = (json.loads(Path(path).read_text()).get("summary") or {}).get("total_tokens")
+        runs.append(Run(str(config.get("policy", Path(path).stem)), float(config.get("rate") or 0.0),
+                        load.summarize(recs, total, slo), 0.0))
+    return comparison_table(runs)
+
+
 def parse_settings(items: Sequence[str]) -> dict[str, str]:
     """``KEY=VALUE`` strings to a dict; keys the command sets itself are refused."""
     out = {}

@@ -9,11 +9,13 @@ timeout, so a run always ends.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -51,6 +53,7 @@ class RequestRecord:
     error: str | None = None
     response_id: str | None = None  # the completion's id (the server's request-log id)
     chunk_times: list[float] | None = None  # arrival of every chunk with text (for the inter-token latency)
+    gave_up: float | None = None  # when the client stopped waiting for an unanswered request (timeout)
 
     @property
     def ok(self) -> bool:
@@ -94,7 +97,7 @@ async def send_request(client: openai.AsyncOpenAI, model: str, req: Request) -> 
     except openai.APIStatusError as exc:
         rec.status, rec.error = f"http_{exc.status_code}", str(exc)[:500]
     except openai.APITimeoutError as exc:
-        rec.status, rec.error = "timeout", str(exc)[:500]
+        rec.status, rec.error, rec.gave_up = "timeout", str(exc)[:500], time.time()
     except openai.APIConnectionError as exc:
         rec.status, rec.error = "connection", str(exc)[:500]
     except (openai.OpenAIError, ValueError) as exc:
@@ -135,13 +138,14 @@ async def run_load(
         _, pending = await asyncio.wait([t for _, _, t in sent], timeout=grace)
     for task in pending:
         task.cancel()
+    gave_up = time.time()
     await asyncio.gather(*pending, return_exceptions=True)
     bar.close()
     records = []
     for req, at, task in sent:
         if task in pending:
             records.append(RequestRecord(req.id, req.app, req.max_tokens, send=at, status="timeout",
-                                         error=f"no answer {grace:g} s after sending stopped"))
+                                         error=f"no answer {grace:g} s after sending stopped", gave_up=gave_up))
         else:
             records.append(task.result())
     return records
@@ -210,6 +214,9 @@ class Summary:
     tpot: dict[str, float | None] = field(default_factory=dict)  # time per output token after the first
     itl: dict[str, float | None] = field(default_factory=dict)  # inter-token (chunk) latency
     short_half_response_time: dict[str, float | None] = field(default_factory=dict)  # the shorter half by output
+    # answered AND timed-out requests, a timed-out one counted at the time it waited (``waited``):
+    # a lower bound of the latency a policy gave, that does not flatter a policy which leaves requests unanswered
+    response_time_with_unanswered: dict[str, float | None] = field(default_factory=dict)
     goodput: float = 0.0  # requests per second that met ``slo``
     slo: dict[str, float | None] = field(default_factory=dict)
     total_tokens: int | None = None  # from the server's batch log, when given
@@ -221,6 +228,17 @@ def run_window(records: Sequence[RequestRecord]) -> tuple[float, float]:
     """Wall-clock time of the first send and of the last end (the run's measurement window)."""
     start = min((r.send for r in records), default=0.0)
     return start, max([r.end for r in records if r.end is not None] + [start])
+
+
+def waited(r: RequestRecord, run_end: float) -> float | None:
+    """How long a request waited: to its end when answered; a timed-out one until the client gave
+    up (records from before ``gave_up`` was kept: until ``run_end``, the last end of the run, which
+    is earlier, so still a lower bound); None for any other error."""
+    if r.ok and r.end is not None:
+        return r.end - r.send
+    if r.status == "timeout":
+        return max((r.gave_up if r.gave_up is not None else run_end) - r.send, 0.0)
+    return None
 
 
 def summarize(records: Sequence[RequestRecord], total_tokens: int | None = None, slo: SLO = DEFAULT_SLO) -> Summary:
@@ -254,6 +272,8 @@ def summarize(records: Sequence[RequestRecord], total_tokens: int | None = None,
         tpot=summary_stats([t for r in done if (t := r.tpot) is not None]),
         itl=summary_stats(itl),
         short_half_response_time=summary_stats([r.end - r.send for r in short if r.end is not None]),
+        response_time_with_unanswered=summary_stats(
+            [w for w in (waited(r, end) for r in records) if w is not None]),
         goodput=rate(sum(slo.met(r) for r in done)),
         slo=asdict(slo),
         total_tokens=total_tokens,
@@ -286,6 +306,19 @@ def summary_table(s: Summary) -> str:
         ("total-token throughput", f(s.total_token_throughput, " tok/s")),
     ]
     return "\n".join(["| metric | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def read_result(path: str | Path) -> tuple[dict, list[RequestRecord]]:
+    """The config and per-request records of a result JSON (``result_json``: ``bench load --out``,
+    or the ``records_<rate>.json`` that ``bench compare`` keeps for every run)."""
+    doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list):
+        raise ValueError(f"{path}: not a load result (no 'requests' list); write one with magnus bench load --out")
+    names = {f.name for f in fields(RequestRecord)}
+    records = [RequestRecord(**{k: v for k, v in r.items() if k in names}) for r in doc["requests"]]
+    if not records:
+        raise ValueError(f"{path}: no requests")
+    return dict(doc.get("config") or {}), records
 
 
 def result_json(config: dict, summary: Summary, records: Sequence[RequestRecord]) -> dict:

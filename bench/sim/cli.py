@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from bench.loadgen.load import summarize, summary_table
-from bench.sim.replay import NO_OVERHEADS, compare_table, fit_overheads, read_records, replay_workload
+from bench.loadgen.load import read_result, summarize, summary_table
+from bench.sim.replay import NO_OVERHEADS, compare_table, fit_overheads, replay_workload
 from bench.sim.report import PolicyRun, comparison_table, plot_sweep
 from bench.sim.setup import DTYPES, PolicyParams, cost_setup, load_model_profile
 from bench.sim.trace import make_trace, simulate_policy
@@ -136,7 +136,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if args.replay is not None:
             if args.rate is not None or args.rates or args.n is not None:
                 raise ValueError("--replay takes the run's own requests and send times: no --rate/--rates/--n")
-            replay_config, records = read_records(args.replay)
+            replay_config, records = read_result(args.replay)
             measured = summarize(records)
             logged = replay_config.get("log") or replay_config.get("db")  # compare / bench load
             if args.fit_log is None and logged and Path(logged).exists():

@@ -19,10 +19,9 @@ Batch times come from the cost model fitted to the same log (``--fit-log``).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,18 +47,6 @@ class Overheads:
 
 
 NO_OVERHEADS = Overheads()
-
-
-def read_records(path: str | Path) -> tuple[dict, list[RequestRecord]]:
-    """The config and per-request records of a load-generator result JSON."""
-    doc = json.loads(Path(path).read_text())
-    if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list):
-        raise ValueError(f"{path}: not a load result (no 'requests' list); write one with magnus bench load --out")
-    names = {f.name for f in fields(RequestRecord)}
-    records = [RequestRecord(**{k: v for k, v in r.items() if k in names}) for r in doc["requests"]]
-    if not records:
-        raise ValueError(f"{path}: no requests")
-    return dict(doc.get("config") or {}), records
 
 
 def logged_predictions(db: str | Path) -> dict[str, tuple[int, int | None]]:
