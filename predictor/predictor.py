@@ -18,7 +18,7 @@ from predictor.embedder import Embedder
 from predictor.features import FeatureExtractor
 from predictor.forest import ForestParams, LengthForest
 from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
-from predictor.repredict import HeadRow, fit_from_training_set
+from predictor.repredict import MIN_HEAD_ROWS, HeadRow, fit_from_training_set
 from predictor.trainset import ModelMismatchError, TrainingSet
 from predictor.types import PredictInput, Prediction
 
@@ -327,13 +327,15 @@ class LengthPredictor:
                     return False
                 started = time.perf_counter()
                 forest = self.cfg.fit(train)
+                old = self._model.repredictor if self._model is not None else None
                 oob = getattr(forest, "oob", None)
-                fresh = None if oob is None else fit_from_training_set(train, oob, self.cfg.quantile, self.cfg.seed)
+                # learn it again once the rows with first tokens are enough, and no fewer than the
+                # one there is was fitted on (an offline re-predictor is not replaced by a smaller one)
+                need = max(MIN_HEAD_ROWS, old.train_rows if old is not None else 0)
+                fresh = None if oob is None else fit_from_training_set(train, oob, self.cfg.quantile, self.cfg.seed,
+                                                                       min_rows=need)
                 with self._lock:
-                    if fresh is not None:  # enough rows with known first tokens: learn it again
-                        forest.repredictor = fresh
-                    elif self._model is not None:  # else keep the one there was
-                        forest.repredictor = self._model.repredictor
+                    forest.repredictor = fresh if fresh is not None else old
                     self._model = forest
                     self._model_dirty = True
                     self._counts["retrains"] += 1

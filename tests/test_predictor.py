@@ -6,6 +6,7 @@ synthetic workloads whose output length depends on the application and the input
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sqlite3
@@ -433,6 +434,16 @@ def test_the_re_predictor_learns_from_the_first_tokens_of_served_requests(embedd
     assert p_run[0] > 0.8 > 0.2 > p_run[1] and points[0] > points[1]
     train = TrainingSet.load(tmp_path / "t.npz")
     assert sum(bool(train.head(i)) for i in range(len(train))) == 80 and train.head(len(train) - 1) == []
+    # a re-predictor is not replaced by one fitted on fewer rows: a model file whose training rows
+    # lost their heads (as one trained before they were kept), then 50 served rows with heads
+    old = load_length_model(tmp_path / "m.joblib")
+    old.train = dataclasses.replace(old.train, heads=None)
+    old.save(tmp_path / "old.joblib")
+    kept = LengthPredictor(cfg(model_path=str(tmp_path / "old.joblib")), embedder=embedder)
+    for r in rows[:50]:
+        kept.observe(to_input(r), 80, None, [1, 2, 3] * 20)
+    assert kept.retrain_if_due(0.0)
+    assert load_length_model(tmp_path / "old.joblib").repredictor.train_rows == 80
     # too few rows with heads: the re-predictor there was is kept (here: none)
     few = LengthPredictor(cfg(model_path=str(tmp_path / "f.joblib")), embedder=embedder)
     for i, r in enumerate(rows[:30]):
