@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import sqlite3
 import time
@@ -127,9 +128,13 @@ def test_report_summarizes_kept_records_again(tmp_path: Path, capsys: pytest.Cap
         path = tmp_path / f"{policy}.json"
         path.write_text(json.dumps(result_json({"policy": policy, "rate": rate}, summarize(recs), recs)))
         paths.append(str(path))
+    with gzip.open(tmp_path / "gz.json.gz", "wt") as f:  # kept records may be gzipped
+        f.write(json.dumps(result_json({"policy": "ccb", "rate": 1.0}, summarize(recs), recs)))
+    paths.append(str(tmp_path / "gz.json.gz"))
     assert cli.main(["report", *paths]) == 0
     out = capsys.readouterr().out
     assert "| 0.5 | vs | 3 / 4 | timeout: 1 |" in out and "| 0.5 | magnus:batch_exit=literal | 3 / 4 |" in out
+    assert "| 1 | ccb | 3 / 4 |" in out
     assert "| 2.00 | 2.00 | 2.00 | 2.00 | 11.50 |" in out  # mean, p50, p90, p99 E2E; with the unanswered
     assert cli.main(["report", str(tmp_path / "missing.json")]) == 2
 

@@ -318,7 +318,7 @@ def report_records(paths: Sequence[Path], slo: load.SLO = load.DEFAULT_SLO) -> s
     runs = []
     for path in paths:
         config, recs = load.read_result(path)
-        total = (json.loads(Path(path).read_text()).get("summary") or {}).get("total_tokens")
+        total = (json.loads(load.read_text(path)).get("summary") or {}).get("total_tokens")
         runs.append(Run(str(config.get("policy", Path(path).stem)), float(config.get("rate") or 0.0),
                         load.summarize(recs, total, slo), 0.0))
     return comparison_table(runs)

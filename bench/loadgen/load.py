@@ -9,6 +9,7 @@ timeout, so a run always ends.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import sqlite3
 import time
@@ -308,10 +309,18 @@ def summary_table(s: Summary) -> str:
     return "\n".join(["| metric | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows])
 
 
+def read_text(path: str | Path) -> str:
+    """A text file's contents, gunzipped when its name ends in ``.gz``."""
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    return Path(path).read_text()
+
+
 def read_result(path: str | Path) -> tuple[dict, list[RequestRecord]]:
     """The config and per-request records of a result JSON (``result_json``: ``bench load --out``,
-    or the ``records_<rate>.json`` that ``bench compare`` keeps for every run)."""
-    doc = json.loads(Path(path).read_text())
+    or the ``records_<rate>.json`` that ``bench compare`` keeps for every run); ``.gz``: gzipped."""
+    doc = json.loads(read_text(path))
     if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list):
         raise ValueError(f"{path}: not a load result (no 'requests' list); write one with magnus bench load --out")
     names = {f.name for f in fields(RequestRecord)}
