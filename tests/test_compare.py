@@ -15,7 +15,7 @@ from PIL import Image
 from bench import cli
 from bench.loadgen.client import make_client
 from bench.loadgen.compare import COMPARE_METRICS, parse_settings
-from bench.loadgen.load import RequestRecord, result_json, run_load, summarize
+from bench.loadgen.load import RequestRecord, read_result, result_json, run_load, summarize
 from bench.plots import plot_metrics
 from bench.sim.cli import main as simulate
 from bench.workload.records import Request, read_jsonl
@@ -156,3 +156,26 @@ def test_server_settings() -> None:
     for bad in ("policy=vs", "batch_size", "predictor_model=x"):
         with pytest.raises(ValueError):
             parse_settings([bad])
+
+
+def test_keep_records_copies_a_work_dir_into_the_repository(tmp_path: Path) -> None:
+    from bench.keep_records import keep
+
+    work = tmp_path / "work"
+    recs = [RequestRecord("r0", "mt", 10, send=0.0, end=1.0, completion_tokens=3)]
+    for policy in ("vs", "magnus:batch_exit=literal"):
+        (work / policy).mkdir(parents=True)
+        (work / policy / "records_0.5.json").write_text(
+            json.dumps(result_json({"policy": policy, "rate": 0.5}, summarize(recs), recs)))
+        with sqlite3.connect(work / policy / "log.db") as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("CREATE TABLE requests (id TEXT)")
+            conn.execute("INSERT INTO requests VALUES ('x')")
+    written = keep(work, tmp_path / "kept")
+    assert sorted(p.name for p in written) == ["magnus_batch_exit=literal.log.db",
+                                               "magnus_batch_exit=literal_r0.5.records.json.gz",
+                                               "vs.log.db", "vs_r0.5.records.json.gz"]
+    config, back = read_result(tmp_path / "kept" / "magnus_batch_exit=literal_r0.5.records.json.gz")
+    assert config["policy"] == "magnus:batch_exit=literal" and back == recs
+    with sqlite3.connect(tmp_path / "kept" / "vs.log.db") as conn:
+        assert conn.execute("SELECT id FROM requests").fetchall() == [("x",)]
