@@ -32,8 +32,13 @@ def keep(work: Path, out: Path) -> list[Path]:
         if db.exists():
             dest = out / f"{safe}.log.db"
             dest.unlink(missing_ok=True)
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as src, sqlite3.connect(dest) as dst:
+            src, dst = sqlite3.connect(f"file:{db}?mode=ro", uri=True), sqlite3.connect(dest)
+            try:
                 src.backup(dst)
+                dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+            finally:
+                src.close()
+                dst.close()
             written.append(dest)
     return written
 

@@ -191,11 +191,14 @@ def test_unanswered_requests_count_as_the_time_they_waited() -> None:
     records = [
         RequestRecord("a", "mt", 10, send=100.0, first_token=100.5, end=102.0, completion_tokens=10),
         RequestRecord("b", "mt", 10, send=100.0, status="timeout", gave_up=130.0),
-        RequestRecord("c", "mt", 10, send=101.0, status="timeout"),  # a record from before gave_up was kept
+        # records from before gave_up was kept: a client timeout, and one cancelled at the grace's end
+        RequestRecord("c", "mt", 10, send=101.0, status="timeout"),
+        RequestRecord("d", "mt", 10, send=104.0, status="timeout", error="no answer 300 s after sending stopped"),
     ]
     s = summarize(records)
     assert s.response_time["mean"] == 2.0  # the answered one only, as vllm bench serve reports
-    assert s.response_time_with_unanswered["mean"] == pytest.approx((2.0 + 30.0 + 1.0) / 3)
+    # a: 2 s; b: 30 s; c: until the run's last answer (102), 1 s; d: until the last send + 300 s
+    assert s.response_time_with_unanswered["mean"] == pytest.approx((2.0 + 30.0 + 1.0 + 300.0) / 4)
 
 
 def test_batch_tokens_sums_batches_in_window(tmp_path: Path) -> None:

@@ -177,5 +177,7 @@ def test_keep_records_copies_a_work_dir_into_the_repository(tmp_path: Path) -> N
                                                "vs.log.db", "vs_r0.5.records.json.gz"]
     config, back = read_result(tmp_path / "kept" / "magnus_batch_exit=literal_r0.5.records.json.gz")
     assert config["policy"] == "magnus:batch_exit=literal" and back == recs
-    with sqlite3.connect(tmp_path / "kept" / "vs.log.db") as conn:
-        assert conn.execute("SELECT id FROM requests").fetchall() == [("x",)]
+    assert not list((tmp_path / "kept").glob("*-wal")) and not list((tmp_path / "kept").glob("*-shm"))
+    conn = sqlite3.connect(tmp_path / "kept" / "vs.log.db")
+    assert conn.execute("SELECT id FROM requests").fetchall() == [("x",)]
+    conn.close()

@@ -146,7 +146,7 @@ async def run_load(
     for req, at, task in sent:
         if task in pending:
             records.append(RequestRecord(req.id, req.app, req.max_tokens, send=at, status="timeout",
-                                         error=f"no answer {grace:g} s after sending stopped", gave_up=gave_up))
+                                         error=GRACE_ERROR.format(grace=grace), gave_up=gave_up))
         else:
             records.append(task.result())
     return records
@@ -231,15 +231,28 @@ def run_window(records: Sequence[RequestRecord]) -> tuple[float, float]:
     return start, max([r.end for r in records if r.end is not None] + [start])
 
 
-def waited(r: RequestRecord, run_end: float) -> float | None:
+GRACE_ERROR = "no answer {grace:g} s after sending stopped"  # a request cancelled at the end of the grace
+
+
+def waited(r: RequestRecord, last_send: float, run_end: float) -> float | None:
     """How long a request waited: to its end when answered; a timed-out one until the client gave
-    up (records from before ``gave_up`` was kept: until ``run_end``, the last end of the run, which
-    is earlier, so still a lower bound); None for any other error."""
+    up; None for any other error. Records from before ``gave_up`` was kept: a request cancelled at
+    the end of the grace waited until the last send plus the grace its error names, a client
+    timeout until ``run_end`` (the run's last answer, earlier: still a lower bound)."""
     if r.ok and r.end is not None:
         return r.end - r.send
-    if r.status == "timeout":
-        return max((r.gave_up if r.gave_up is not None else run_end) - r.send, 0.0)
-    return None
+    if r.status != "timeout":
+        return None
+    gave_up = r.gave_up
+    if gave_up is None:
+        gave_up = run_end
+        head, _, tail = GRACE_ERROR.partition("{grace:g}")
+        if r.error and r.error.startswith(head) and r.error.endswith(tail):
+            try:
+                gave_up = max(run_end, last_send + float(r.error[len(head):len(r.error) - len(tail)]))
+            except ValueError:
+                pass
+    return max(gave_up - r.send, 0.0)
 
 
 def summarize(records: Sequence[RequestRecord], total_tokens: int | None = None, slo: SLO = DEFAULT_SLO) -> Summary:
@@ -274,7 +287,7 @@ def summarize(records: Sequence[RequestRecord], total_tokens: int | None = None,
         itl=summary_stats(itl),
         short_half_response_time=summary_stats([r.end - r.send for r in short if r.end is not None]),
         response_time_with_unanswered=summary_stats(
-            [w for w in (waited(r, end) for r in records) if w is not None]),
+            [w for w in (waited(r, max(x.send for x in records), end) for r in records) if w is not None]),
         goodput=rate(sum(slo.met(r) for r in done)),
         slo=asdict(slo),
         total_tokens=total_tokens,
