@@ -23,12 +23,20 @@ from threadpoolctl import ThreadpoolController
 
 from predictor.head import head_features
 from predictor.mixture import calibrate, mixture_quantile
-from predictor.trainset import TrainingSet
+from predictor.trainset import HEAD_K, TrainingSet
 from predictor.types import CHECKPOINTS
 
-HEAD_K = CHECKPOINTS[-1]  # the longest head used: tokens past it add nothing
 MIN_HEAD_ROWS = 40  # rows with known first tokens needed before the server (re)fits a re-predictor
-_threads: ThreadpoolController | None = None  # made at the first prediction (it inspects the loaded libraries)
+_threads: ThreadpoolController | None = None  # made at first use (it inspects the loaded libraries)
+
+
+def _one_openmp_thread():
+    """A context in which OpenMP runs one thread: the gradient-boosting models run beside the
+    model's workers, whose cores their idle threads would otherwise spin on."""
+    global _threads
+    if _threads is None:
+        _threads = ThreadpoolController()
+    return _threads.limit(limits=1, user_api="openmp")
 
 
 @dataclass
@@ -99,14 +107,11 @@ class Repredictor:
         """``(point, high, p_runaway)`` of the TOTAL length of each running row (generated included)."""
         if not rows:
             return np.zeros(0), np.zeros(0), np.zeros(0)
-        global _threads
-        if _threads is None:
-            _threads = ThreadpoolController()
         k = np.array([min(len(r.head_ids), HEAD_K) for r in rows], dtype=np.float64)
         X = np.array([_features(r, HEAD_K) for r in rows])
         # one OpenMP thread: the gradient-boosting predictors' idle threads would otherwise spin on
         # the cores the model's workers decode on (measured: ~13% slower decoding with 8 rows)
-        with _threads.limit(limits=1, user_api="openmp"):
+        with _one_openmp_thread():
             p = (np.full(len(rows), self.classifier) if isinstance(self.classifier, float)
                  else self.classifier.predict_proba(X)[:, 1])
             mu = self.regressor.predict(X)
@@ -133,11 +138,8 @@ def fit_from_training_set(train: TrainingSet, oob: tuple[np.ndarray, np.ndarray]
             lengths.append(int(train.y[i]))
     if len(rows) < min_rows:
         return None
-    global _threads
-    if _threads is None:
-        _threads = ThreadpoolController()
     try:
-        with _threads.limit(limits=1, user_api="openmp"):
+        with _one_openmp_thread():
             return Repredictor(quantile, seed).fit(rows, lengths)
     except ValueError:
         return None

@@ -317,10 +317,10 @@ def report_records(paths: Sequence[Path], slo: load.SLO = load.DEFAULT_SLO) -> s
     recomputed, or a metric added since, from the committed records."""
     runs = []
     for path in paths:
-        config, recs = load.read_result(path)
-        total = (json.loads(load.read_text(path)).get("summary") or {}).get("total_tokens")
+        doc = load.read_result_doc(path)
+        config, total = doc.get("config") or {}, (doc.get("summary") or {}).get("total_tokens")
         runs.append(Run(str(config.get("policy", Path(path).stem)), float(config.get("rate") or 0.0),
-                        load.summarize(recs, total, slo), 0.0))
+                        load.summarize(doc["records"], total, slo), 0.0))
     return comparison_table(runs)
 
 

@@ -263,6 +263,7 @@ def summarize(records: Sequence[RequestRecord], total_tokens: int | None = None,
     """
     done = [r for r in records if r.ok and r.end is not None]
     start, end = run_window(records)
+    last_send = max((r.send for r in records), default=start)
     duration = end - start
 
     def rate(x: float) -> float:
@@ -287,7 +288,7 @@ def summarize(records: Sequence[RequestRecord], total_tokens: int | None = None,
         itl=summary_stats(itl),
         short_half_response_time=summary_stats([r.end - r.send for r in short if r.end is not None]),
         response_time_with_unanswered=summary_stats(
-            [w for w in (waited(r, max(x.send for x in records), end) for r in records) if w is not None]),
+            [w for w in (waited(r, last_send, end) for r in records) if w is not None]),
         goodput=rate(sum(slo.met(r) for r in done)),
         slo=asdict(slo),
         total_tokens=total_tokens,
@@ -333,6 +334,12 @@ def read_text(path: str | Path) -> str:
 def read_result(path: str | Path) -> tuple[dict, list[RequestRecord]]:
     """The config and per-request records of a result JSON (``result_json``: ``bench load --out``,
     or the ``records_<rate>.json`` that ``bench compare`` keeps for every run); ``.gz``: gzipped."""
+    doc = read_result_doc(path)
+    return dict(doc.get("config") or {}), doc["records"]
+
+
+def read_result_doc(path: str | Path) -> dict:
+    """A result JSON as written (config, summary), its ``requests`` parsed into ``records``."""
     doc = json.loads(read_text(path))
     if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list):
         raise ValueError(f"{path}: not a load result (no 'requests' list); write one with magnus bench load --out")
@@ -340,7 +347,7 @@ def read_result(path: str | Path) -> tuple[dict, list[RequestRecord]]:
     records = [RequestRecord(**{k: v for k, v in r.items() if k in names}) for r in doc["requests"]]
     if not records:
         raise ValueError(f"{path}: no requests")
-    return dict(doc.get("config") or {}), records
+    return {**doc, "records": records}
 
 
 def result_json(config: dict, summary: Summary, records: Sequence[RequestRecord]) -> dict:
