@@ -291,16 +291,12 @@ def fit_hardware(
     minimising relative error. Returns ``base`` with ``mfu``, ``mbu`` and overheads replaced
     (``mfu``/``mbu`` stay relative to ``base``'s peak figures and may exceed 1 when those are
     nominal)."""
-    from scipy.optimize import nnls
-
     data = [(int(b), int(L), G if isinstance(G, int) else tuple(int(g) for g in G), float(t)) for b, L, G, t in samples]
     if len(data) < 2:
         raise ValueError("need at least two samples")
     cols = [0, 1] + ([2] if fit_step_overhead else []) + ([3] if fit_batch_overhead else [])
     y = np.array([t for *_, t in data])
-    weights = 1.0 / np.maximum(y, 1e-6)  # relative error: short and long batches count alike
     x = np.array([1 / base.flops, 1 / base.bandwidth, base.step_overhead_s, base.batch_overhead_s])
-    fixed = [i for i in range(4) if i not in cols]  # overheads not fitted keep base's values
     branch: list[bool] | None = None
     for _ in range(iters):
         new_branch = [
@@ -310,12 +306,98 @@ def fit_hardware(
             break
         branch = new_branch
         rows = [_design_row(model, b, L, G, br) for (b, L, G, _t), br in zip(data, branch, strict=True)]
-        a = np.array(rows)
-        target = y - a[:, fixed] @ x[fixed]
-        scale = np.maximum(np.abs(a[:, cols]).max(axis=0), 1e-300)  # condition the columns
-        sol, _ = nnls((a[:, cols] / scale) * weights[:, None], target * weights)
-        x = x.copy()
-        x[cols] = sol / scale
+        x = _nnls_step(np.array(rows), y, x, cols)
+    return _with_coefficients(base, x)
+
+
+def _nnls_step(a: np.ndarray, y: np.ndarray, x: np.ndarray, cols: list[int]) -> np.ndarray:
+    """``x`` with its ``cols`` refitted so that ``a @ x ~ y`` in relative error (non-negative)."""
+    from scipy.optimize import nnls
+
+    weights = 1.0 / np.maximum(y, 1e-6)  # relative error: short and long samples count alike
+    fixed = [i for i in range(len(x)) if i not in cols]  # coefficients not fitted keep their values
+    target = y - a[:, fixed] @ x[fixed]
+    scale = np.maximum(np.abs(a[:, cols]).max(axis=0), 1e-300)  # condition the columns
+    sol, _ = nnls((a[:, cols] / scale) * weights[:, None], target * weights)
+    x = x.copy()
+    x[cols] = sol / scale
+    return x
+
+
+def fit_hardware_continuous(
+    model: ModelProfile,
+    workers: Sequence[Sequence[tuple[float, float, float, int, int]]],
+    base: HardwareProfile,
+    iters: int = 20,
+) -> HardwareProfile:
+    """Fit the effective FLOP/s, bandwidth and per-step overhead to iteration-level workers' rows
+    ``(start, end, prefill_s, cached, generated)`` (one list per worker; ``cached``: the tokens its
+    prefill put in the cache, ``generated``: the tokens it produced there).
+
+    A row's decode time is the sum of the steps taken while it ran, and every step runs every
+    live row: step ``t`` costs ``(W + kv_t Delta) / BW + 2 P n_t / F + s`` with ``n_t`` live rows
+    holding ``kv_t`` cached tokens, as the simulator charges it. Each row contributes its decode
+    seconds minus the prefills of rows that joined meanwhile, against its steps times the mean
+    ``n`` and ``kv`` over its life (every row's cache assumed to grow evenly from its start to its
+    end); each prefill (rows sharing one forward pass share its ``prefill_s``) contributes its
+    FLOPs. Fitting one-row "batches" as if each ran alone would put the whole step into ``s``."""
+    design: list[list[float]] = []
+    y: list[float] = []
+    prefills: list[tuple[int, int, float]] = []  # (rows, longest cached, seconds)
+    for rows in workers:
+        lives = [(s + p, e, L, g) for s, e, p, L, g in rows]
+        for a, b, _L, g in lives:
+            steps = g - 1
+            if steps <= 0 or b <= a:
+                continue
+            n = kv = 0.0
+            for c, d, L2, g2 in lives:
+                lo, hi = max(a, c), min(b, d)
+                if hi <= lo:
+                    continue
+                n += hi - lo  # the other row's cache grows from L2 to L2 + g2 over [c, d]
+                kv += (hi - lo) * (L2 + g2 * ((lo + hi) / 2 - c) / (d - c))
+            span = b - a
+            t = span - sum({p for s, _e, p, _L, _g in rows if a < s < b})  # joiners' prefills stall it
+            if t <= 0:
+                continue
+            n, kv = n / span, kv / span
+            design.append([2 * model.params * n * steps, steps * (model.weight_traffic_bytes + kv * model.delta),
+                           float(steps), 0.0])
+            y.append(t)
+        for p, cached in _groups(rows).items():
+            prefills.append((len(cached), max(cached), p))
+    if len(y) + len(prefills) < 3:
+        raise ValueError("need at least three rows with decode steps or prefills")
+    x = np.array([1 / base.flops, 1 / base.bandwidth, base.step_overhead_s, base.batch_overhead_s])
+    branch: list[bool] | None = None
+    # each prefill is compute- or weight-bound: iterate on the active branch, starting from compute
+    # (from weight-bound, nothing but the decode rows would pin the FLOP rate)
+    new_branch = [True] * len(prefills)
+    for _ in range(iters):
+        if branch is not None:
+            new_branch = [2 * model.params * b * L * x[0] >= model.weight_traffic_bytes * x[1]
+                          for b, L, _p in prefills]
+        if new_branch == branch:
+            break
+        branch = new_branch
+        rows_p = [[2 * model.params * b * L, 0.0, 0.0, 0.0] if br else [0.0, model.weight_traffic_bytes, 0.0, 0.0]
+                  for (b, L, _p), br in zip(prefills, branch, strict=True)]
+        x = _nnls_step(np.array(design + rows_p), np.array(y + [p for *_, p in prefills]), x, [0, 1, 2])
+    return _with_coefficients(base, x)
+
+
+def _groups(rows: Sequence[tuple[float, float, float, int, int]]) -> dict[float, list[int]]:
+    """The prefill forward passes of a worker's rows: ``prefill_s`` -> the cached tokens of the rows
+    that shared it."""
+    out: dict[float, list[int]] = {}
+    for _s, _e, p, L, _g in rows:
+        if p > 0:
+            out.setdefault(p, []).append(L)
+    return out
+
+
+def _with_coefficients(base: HardwareProfile, x: np.ndarray) -> HardwareProfile:
     tiny = 1e-30  # a zero coefficient means "never the bottleneck": keep the figure finite
     return replace(
         base,

@@ -297,6 +297,59 @@ def test_fit_log_recovers_the_cost_model(tmp_path: Path) -> None:
     assert "fitted to 40 batches" in setup.source
 
 
+def _iteration_worker_log(db: Path, truth: CostModel, n: int, seed: int) -> None:
+    """A log as an iteration-level worker writes it (one-row batches that overlap), timed by
+    ``truth`` within +-3% noise: requests join between steps (one prefill per group of joiners,
+    its time shared by their rows), every step runs every live row."""
+    rng = random.Random(seed)
+    arrivals = sorted(rng.uniform(0, 400) for _ in range(n))
+    todo = [(a, rng.randint(20, 300), rng.randint(2, 250)) for a in arrivals]
+    live: list[list] = []  # [id, start, prefill_s, prompt, gen, made]
+    t, i, rows = 0.0, 0, []
+    while i < len(todo) or live:
+        if not live and i < len(todo):
+            t = max(t, todo[i][0])
+        new = []
+        while i < len(todo) and todo[i][0] <= t:
+            new.append(todo[i])
+            i += 1
+        if new:
+            pre = truth.prefill_time(len(new), max(L for _a, L, _g in new)) * rng.uniform(0.97, 1.03)
+            live += [[len(rows) + k, t, pre, L, g, 1] for k, (_a, L, g) in enumerate(new)]
+            rows += [None] * len(new)
+            t += pre
+        running = [r for r in live if r[5] < r[4]]
+        if running:
+            kv = sum(r[3] + r[5] for r in running)
+            t += truth.step_time(len(running), kv / len(running)) * rng.uniform(0.97, 1.03)
+            for r in running:
+                r[5] += 1
+        for r in [r for r in live if r[5] >= r[4]]:
+            rows[r[0]] = (r[1], t, r[2], r[3], r[4])
+            live.remove(r)
+    with sqlite3.connect(db) as conn:
+        conn.executescript(SCHEMA)
+        for k, (start, end, pre, L, g) in enumerate(rows):
+            conn.execute("INSERT INTO batches (id, worker, size, max_prompt, max_gen, prefill_s, decode_s, start, end, "
+                         "valid_tokens, total_tokens, oom) VALUES (?, 0, 1, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                         (k + 1, L, g, pre, end - start - pre, start, end, g, g))
+
+
+def test_fit_log_of_an_iteration_worker_recovers_its_step_cost(tmp_path: Path) -> None:
+    model = load_model_profile("ChatGLM-6B", "float16")
+    truth = CostModel(model, replace(V100, mfu=0.3, mbu=0.6, step_overhead_s=0.004))
+    _iteration_worker_log(tmp_path / "log.sqlite", truth, 300, seed=1)
+    setup = cost_setup("V100-32GB", model, tmp_path / "log.sqlite")
+    assert "rows of an iteration-level worker" in setup.source
+    fitted = setup.cost("ccb")
+    for size, kv in [(1, 100), (8, 300), (32, 400)]:
+        assert fitted.step_time(size, kv) == pytest.approx(truth.step_time(size, kv), rel=0.1)
+    assert fitted.prefill_time(4, 200) == pytest.approx(truth.prefill_time(4, 200), rel=0.05)
+    # read as static one-row batches (each as if it ran alone), the same log misfits the step
+    naive = CostModel(model, V100).fitted(read_batch_log(tmp_path / "log.sqlite"))
+    assert naive.step_time(32, 400) != pytest.approx(truth.step_time(32, 400), rel=0.1)
+
+
 def test_vsq_runs_the_quantized_model() -> None:
     assert SETUP.cost("vsq").model.weight_bytes == pytest.approx(CHATGLM_6B.weight_bytes / 4)
     assert SETUP.cost("vsq").memory_model().theta > SETUP.cost("vs").memory_model().theta

@@ -10,7 +10,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from scheduler.builder import PolicySettings, build_scheduler, served_profile
-from scheduler.costmodel import MODELS, CostModel, HardwareProfile, ModelProfile, get_hardware
+from scheduler.costmodel import (
+    MODELS,
+    CostModel,
+    HardwareProfile,
+    ModelProfile,
+    fit_hardware_continuous,
+    get_hardware,
+)
 from scheduler.policy import Policy
 
 DTYPES = {"float16": 2.0, "bfloat16": 2.0, "float32": 4.0}
@@ -72,6 +79,29 @@ def read_batch_log(
     return out
 
 
+def read_continuous_log(
+    db: str | Path, window: tuple[float, float] | None = None
+) -> list[list[tuple[float, float, float, int, int]]] | None:
+    """An iteration-level worker's rows ``(start, end, prefill_s, cached, generated)`` per worker
+    (as ``fit_hardware_continuous`` takes them), or None when the log holds static batches: a
+    continuous worker logs each request as a one-row batch, and rows on one worker overlap."""
+    lo, hi = window if window is not None else (-math.inf, math.inf)
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute(
+            "SELECT worker, size, start, end, COALESCE(prefill_s, 0), max_prompt, max_gen, valid_tokens FROM batches "
+            "WHERE COALESCE(oom, 0) = 0 AND size > 0 AND max_gen > 0 AND start IS NOT NULL AND end > start "
+            "AND start >= ? AND start <= ? ORDER BY start", (lo, hi)
+        ).fetchall()
+    if not rows or any(size != 1 for _w, size, *_ in rows):
+        return None
+    workers: dict[int, list[tuple[float, float, float, int, int]]] = {}
+    for w, _size, start, end, pre, L, G, valid in rows:
+        made = int(valid if valid is not None else G)
+        workers.setdefault(int(w or 0), []).append((float(start), float(end), float(pre), int(L) + int(G) - made, made))
+    overlap = any(b[0] < a[1] for rs in workers.values() for a, b in zip(rs, rs[1:], strict=False))
+    return list(workers.values()) if overlap else None
+
+
 def cost_setup(
     hardware: str, model: ModelProfile, fit_log: str | Path | None = None,
     window: tuple[float, float] | None = None,
@@ -81,14 +111,20 @@ def cost_setup(
     prior = get_hardware(hardware)
     if fit_log is None:
         return CostSetup(model, prior, prior, f"analytical: {model.name} on {prior.name}")
-    samples = read_batch_log(fit_log, window)
-    if len(samples) < 2:
-        raise ValueError(f"{fit_log}: need at least two finished batches to fit, found {len(samples)}"
-                         + (" in the replayed run's time window" if window else ""))
-    fitted = CostModel(model, prior).fitted(samples).hw
     scope = " started during the replayed run" if window else ""
+    continuous = read_continuous_log(fit_log, window)
+    if continuous is not None:
+        fitted = fit_hardware_continuous(model, continuous, prior)
+        what = f"{sum(map(len, continuous))} rows of an iteration-level worker"
+    else:
+        samples = read_batch_log(fit_log, window)
+        if len(samples) < 2:
+            raise ValueError(f"{fit_log}: need at least two finished batches to fit, found {len(samples)}"
+                             + (" in the replayed run's time window" if window else ""))
+        fitted = CostModel(model, prior).fitted(samples).hw
+        what = f"{len(samples)} batches"
     return CostSetup(model, fitted, prior, (
-        f"fitted to {len(samples)} batches{scope} of {fit_log} ({model.name} on {prior.name}: mfu {fitted.mfu:.3g}, "
+        f"fitted to {what}{scope} of {fit_log} ({model.name} on {prior.name}: mfu {fitted.mfu:.3g}, "
         f"mbu {fitted.mbu:.3g}, step overhead {fitted.step_overhead_s:.3g} s, batch overhead "
         f"{fitted.batch_overhead_s:.3g} s)"
     ))
