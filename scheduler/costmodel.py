@@ -12,7 +12,8 @@ prefill forward pass (which yields the first token) and ``n = G - 1`` decode ste
 
 ``F = peak_flops * mfu`` and ``BW = mem_bandwidth * mbu`` are the effective figures. They, ``s``
 and ``c`` can be fitted to observed ``(size, L, G, seconds)`` tuples with :func:`fit_hardware`
-(non-negative least squares; the prefill ``max`` is resolved by iterating on the active branch).
+(non-negative least squares; the prefill ``max`` is resolved by iterating on the active branch),
+and to an iteration-level worker's overlapping rows with :func:`fit_hardware_continuous`.
 Attention FLOPs (``~4 layers hidden L`` per token) are left out: small next to ``2P`` for the
 prompt lengths served here.
 """
