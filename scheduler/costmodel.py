@@ -300,9 +300,7 @@ def fit_hardware(
     x = np.array([1 / base.flops, 1 / base.bandwidth, base.step_overhead_s, base.batch_overhead_s])
     branch: list[bool] | None = None
     for _ in range(iters):
-        new_branch = [
-            2 * model.params * b * L * x[0] >= model.weight_traffic_bytes * x[1] for b, L, _G, _t in data
-        ]
+        new_branch = [_compute_bound(model, b, L, x) for b, L, _G, _t in data]
         if new_branch == branch:
             break
         branch = new_branch
@@ -371,21 +369,23 @@ def fit_hardware_continuous(
     if len(y) + len(prefills) < 3:
         raise ValueError("need at least three rows with decode steps or prefills")
     x = np.array([1 / base.flops, 1 / base.bandwidth, base.step_overhead_s, base.batch_overhead_s])
-    branch: list[bool] | None = None
     # each prefill is compute- or weight-bound: iterate on the active branch, starting from compute
     # (from weight-bound, nothing but the decode rows would pin the FLOP rate)
-    new_branch = [True] * len(prefills)
+    branch = [True] * len(prefills)
     for _ in range(iters):
-        if branch is not None:
-            new_branch = [2 * model.params * b * L * x[0] >= model.weight_traffic_bytes * x[1]
-                          for b, L, _p in prefills]
-        if new_branch == branch:
-            break
-        branch = new_branch
         rows_p = [[2 * model.params * b * L, 0.0, 0.0, 0.0] if br else [0.0, model.weight_traffic_bytes, 0.0, 0.0]
                   for (b, L, _p), br in zip(prefills, branch, strict=True)]
         x = _nnls_step(np.array(design + rows_p), np.array(y + [p for *_, p in prefills]), x, [0, 1, 2])
+        new_branch = [_compute_bound(model, b, L, x) for b, L, _p in prefills]
+        if new_branch == branch:
+            break
+        branch = new_branch
     return _with_coefficients(base, x)
+
+
+def _compute_bound(model: ModelProfile, size: int, max_prompt: int, x: np.ndarray) -> bool:
+    """Whether a prefill of ``size`` x ``max_prompt`` tokens is compute-bound under coefficients ``x``."""
+    return 2 * model.params * size * max_prompt * x[0] >= model.weight_traffic_bytes * x[1]
 
 
 def _groups(rows: Sequence[tuple[float, float, float, int, int]]) -> dict[float, list[int]]:
