@@ -328,6 +328,7 @@ def fit_hardware_continuous(
     workers: Sequence[Sequence[tuple[float, float, float, int, int]]],
     base: HardwareProfile,
     iters: int = 20,
+    padded: bool = False,
 ) -> HardwareProfile:
     """Fit the effective FLOP/s, bandwidth and per-step overhead to iteration-level workers' rows
     ``(start, end, prefill_s, cached, generated)`` (one list per worker; ``cached``: the tokens its
@@ -339,7 +340,10 @@ def fit_hardware_continuous(
     seconds minus the prefills of rows that joined meanwhile, against its steps times the mean
     ``n`` and ``kv`` over its life (every row's cache assumed to grow evenly from its start to its
     end); each prefill (rows sharing one forward pass share its ``prefill_s``) contributes its
-    FLOPs. Fitting one-row "batches" as if each ran alone would put the whole step into ``s``."""
+    FLOPs. Fitting one-row "batches" as if each ran alone would put the whole step into ``s``.
+    ``padded`` (a left-padded cache, as the server's iteration runner): every live row reads the
+    longest live row's length, ``n_t max kv`` instead of the sum (the mean over 16 points of the
+    row's life)."""
     design: list[list[float]] = []
     y: list[float] = []
     prefills: list[tuple[int, int, float]] = []  # (rows, longest cached, seconds)
@@ -361,6 +365,8 @@ def fit_hardware_continuous(
             if t <= 0:
                 continue
             n, kv = n / span, kv / span
+            if padded:
+                kv = float(np.mean([_padded_reads(lives, a + (i + 0.5) * span / 16) for i in range(16)]))
             design.append([2 * model.params * n * steps, steps * (model.weight_traffic_bytes + kv * model.delta),
                            float(steps), 0.0])
             y.append(t)
@@ -381,6 +387,12 @@ def fit_hardware_continuous(
             break
         branch = new_branch
     return _with_coefficients(base, x)
+
+
+def _padded_reads(lives: Sequence[tuple[float, float, int, int]], t: float) -> float:
+    """Cached tokens a left-padded step at time ``t`` reads: the live rows times the longest."""
+    caches = [L + g * (t - c) / (d - c) for c, d, L, g in lives if c <= t < d]
+    return len(caches) * max(caches, default=0.0)
 
 
 def _compute_bound(model: ModelProfile, size: int, max_prompt: int, x: np.ndarray) -> bool:

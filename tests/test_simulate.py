@@ -163,6 +163,18 @@ def test_ccb_joiner_waits_for_the_next_iteration_boundary() -> None:
     assert stats.total_tokens == 55
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_ccb_step_reads_the_packed_or_the_padded_cache(padded: bool) -> None:
+    cost = CostModel(CHATGLM_6B, V100)
+    policy = build_policy("ccb", SETUP, PolicyParams())
+    reqs = sim_requests([(1000, 50, 100, 0.0, None), (10, 50, 100, 0.0, None)])  # one prefill, then 49 steps
+    Simulation(policy, cost, 1, padded=padded).run(reqs)
+    # step k reads 2 rows: each at the longer row's 1000 + k tokens (padded), or at their mean (packed)
+    per_row = [1000 + k if padded else (1000 + 10) / 2 + k for k in range(1, 50)]
+    end = cost.prefill_time(2, 1000) + sum(cost.step_time(2, w) for w in per_row)
+    assert reqs[0].finished_at == pytest.approx(end) and reqs[1].finished_at == pytest.approx(end)
+
+
 def test_pcb_preempts_rows_that_outgrow_short_predictions_and_resumes_them() -> None:
     # Predictions 10x too short: pcb admits by them, the rows outgrow their reservations, and the
     # progress reports make it preempt; each preempted row resumes with the tokens it had.
@@ -297,10 +309,11 @@ def test_fit_log_recovers_the_cost_model(tmp_path: Path) -> None:
     assert "fitted to 40 batches" in setup.source
 
 
-def _iteration_worker_log(db: Path, truth: CostModel, n: int, seed: int) -> None:
+def _iteration_worker_log(db: Path, truth: CostModel, n: int, seed: int, padded: bool = False) -> None:
     """A log as an iteration-level worker writes it (one-row batches that overlap), timed by
     ``truth`` within +-3% noise: requests join between steps (one prefill per group of joiners,
-    its time shared by their rows), every step runs every live row."""
+    its time shared by their rows), every step runs every live row (``padded``: each at the
+    longest row's length)."""
     rng = random.Random(seed)
     arrivals = sorted(rng.uniform(0, 400) for _ in range(n))
     todo = [(a, rng.randint(20, 300), rng.randint(2, 250)) for a in arrivals]
@@ -320,8 +333,9 @@ def _iteration_worker_log(db: Path, truth: CostModel, n: int, seed: int) -> None
             t += pre
         running = [r for r in live if r[5] < r[4]]
         if running:
-            kv = sum(r[3] + r[5] for r in running)
-            t += truth.step_time(len(running), kv / len(running)) * rng.uniform(0.97, 1.03)
+            caches = [r[3] + r[5] for r in running]
+            per_row = max(caches) if padded else sum(caches) / len(caches)
+            t += truth.step_time(len(running), per_row) * rng.uniform(0.97, 1.03)
             for r in running:
                 r[5] += 1
         for r in [r for r in live if r[5] >= r[4]]:
@@ -335,16 +349,22 @@ def _iteration_worker_log(db: Path, truth: CostModel, n: int, seed: int) -> None
                          (k + 1, L, g, pre, end - start - pre, start, end, g, g))
 
 
-def test_fit_log_of_an_iteration_worker_recovers_its_step_cost(tmp_path: Path) -> None:
+@pytest.mark.parametrize("padded", [False, True])
+def test_fit_log_of_an_iteration_worker_recovers_its_step_cost(tmp_path: Path, padded: bool) -> None:
     model = load_model_profile("ChatGLM-6B", "float16")
     truth = CostModel(model, replace(V100, mfu=0.3, mbu=0.6, step_overhead_s=0.004))
-    _iteration_worker_log(tmp_path / "log.sqlite", truth, 300, seed=1)
-    setup = cost_setup("V100-32GB", model, tmp_path / "log.sqlite")
+    _iteration_worker_log(tmp_path / "log.sqlite", truth, 300, seed=1, padded=padded)
+    setup = cost_setup("V100-32GB", model, tmp_path / "log.sqlite", padded=padded)
     assert "rows of an iteration-level worker" in setup.source
     fitted = setup.cost("ccb")
     for size, kv in [(1, 100), (8, 300), (32, 400)]:
         assert fitted.step_time(size, kv) == pytest.approx(truth.step_time(size, kv), rel=0.1)
     assert fitted.prefill_time(4, 200) == pytest.approx(truth.prefill_time(4, 200), rel=0.05)
+    if padded:  # fitted as packed, the padded log's steps seem to read fewer tokens than they do
+        packed = cost_setup("V100-32GB", model, tmp_path / "log.sqlite").cost("ccb")
+        def err(c: CostModel) -> float:
+            return abs(c.step_time(32, 400) / truth.step_time(32, 400) - 1)
+        assert err(fitted) < err(packed) / 3
     # read as static one-row batches (each as if it ran alone), the same log misfits the step
     naive = CostModel(model, V100).fitted(read_batch_log(tmp_path / "log.sqlite"))
     assert naive.step_time(32, 400) != pytest.approx(truth.step_time(32, 400), rel=0.1)

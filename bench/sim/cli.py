@@ -96,6 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-exit", default="early", choices=("early", "literal"),
                    help="static batches: early = a row returns and leaves the batch the step it ends (the "
                         "server's default); literal = the paper's static batch (every row runs to the longest)")
+    p.add_argument("--continuous-cache", default="packed", choices=("packed", "padded"),
+                   help="continuous workers: packed = a step reads each row's own cache (a paged cache, as "
+                        "transformers' manager); padded = one left-padded cache, each row read at the longest "
+                        "row's length (the server's iteration runner, ccb:continuous_runner=iteration and pcb)")
     p.add_argument("--ttft", default="batch-end", choices=("batch-end", "first-token"),
                    help="static batches: first token at the batch end, or after the prefill (streaming)")
     p.add_argument("--batch-size", type=int, help="VS/VSQ/GLP fixed batch size (default: the policy's)")
@@ -148,7 +152,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             workload = load_workload(args.workload, args.lengths, args.seed)
         model = load_model_profile(args.model_profile, args.dtype)
         window = measured.window if measured is not None and args.fit_window == "run" else None
-        setup = cost_setup(args.hardware, model, args.fit_log, window)
+        setup = cost_setup(args.hardware, model, args.fit_log, window, args.continuous_cache == "padded")
     except (ValueError, OSError, sqlite3.Error, TypeError, KeyError) as exc:
         print(f"simulate: {exc}", file=sys.stderr)
         return 2
@@ -162,6 +166,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                      "completion ids)")
     notes.append("static batches: " + ("early exit (a row returns and leaves the batch the step it ends)"
                                        if args.batch_exit == "early" else "literal (every row runs to the longest)"))
+    notes.append(f"continuous workers: {args.continuous_cache} cache")
     notes.append(f"predictions: {args.prediction}" + (f" (sigma {args.noise_sigma})" if args.prediction == "noisy" else ""))
     mem = setup.cost("vs").memory_model(reserve_frac=params.reserve_frac)
     notes.append(f"{args.workers} workers; Theta {mem.theta / 2**30:.1f} GiB = {mem.theta / mem.delta:,.0f} KV tokens "
@@ -187,7 +192,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             return 2
         for label, (name, own, exit_mode) in zip(names, specs, strict=True):
             run, _ = simulate_policy(name, trace, setup, own, args.workers, args.ttft,
-                                     not args.no_progress, rate, overheads, exit_mode == "early")
+                                     not args.no_progress, rate, overheads, exit_mode == "early",
+                                     args.continuous_cache == "padded")
             run.policy = label
             runs.append(run)
             print(f"{label} rate={rate}: {run.summary.completed}/{run.summary.sent} done, "

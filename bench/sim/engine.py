@@ -9,7 +9,9 @@ same code the server runs) driven on a virtual clock; only the workers are simul
   The worker takes its next batch ``turnaround_s`` after a batch ends (the engine's round trip).
 * Continuous workers (CCB, pcb): iteration-level. Requests the policy admits join at the worker's
   next iteration boundary; that iteration costs ``prefill_time`` of the joiners plus
-  ``step_time(running, mean KV tokens)`` of the others. A request leaves after its TRUE length
+  ``step_time(running, mean KV tokens)`` of the others; with ``padded`` (the server's iteration
+  runner: one left-padded cache, trimmed only where every row is padding) each row reads the
+  longest live row's length instead, ``step_time(running, width)``. A request leaves after its TRUE length
   and is reported as a batch of one. Iterations in which nothing joins or leaves are summed in
   one event (a "segment"); an admission mid-segment cuts it at the next boundary.
 * Progress and preemption (policies that act on progress, pcb): every ``progress_every``
@@ -102,7 +104,8 @@ class Simulation:
     first token at its end) or ``first-token`` (after its prefill, as the streaming server).
     ``turnaround_s``: a static worker's delay between a batch's end and taking the next one.
     ``early_exit``: static batches let go (as the server's default runner): a row returns the step
-    it ends and leaves the batch, so later steps run only the live rows (``row_end_times``)."""
+    it ends and leaves the batch, so later steps run only the live rows (``row_end_times``).
+    ``padded``: a continuous worker's step reads every row at the longest live row's length."""
 
     def __init__(
         self,
@@ -115,6 +118,7 @@ class Simulation:
         turnaround_s: float = 0.0,
         early_exit: bool = False,
         progress_every: int = 8,
+        padded: bool = False,
     ) -> None:
         if n_workers < 1:
             raise ValueError("need at least one worker")
@@ -131,6 +135,7 @@ class Simulation:
         self.progress = progress
         self.turnaround_s = turnaround_s
         self.early_exit = early_exit
+        self.padded = padded
         self.continuous = policy.continuous
         if progress_every < 1:
             raise ValueError("progress_every must be >= 1")
@@ -340,8 +345,13 @@ class Simulation:
         if adm.running > 1 or adm.used <= adm.theta:
             self.stats.peak_reserved_frac = max(self.stats.peak_reserved_frac, adm.used / adm.theta)
 
-    def _step(self, n: int, kv: float) -> float:
-        return self.cost.step_time(n, kv / n)
+    def _step(self, n: int, kv: float, width: float) -> float:
+        return self.cost.step_time(n, width if self.padded else kv / n)
+
+    @staticmethod
+    def _width(wk: _Continuous, it: int) -> float:
+        """The longest running row's cached tokens at the end of iteration ``it``."""
+        return max((run.base + it - run.start_it + 1 for _, _, run in wk.heap), default=0)
 
     def _plan(self, w: int, now: float) -> None:
         """At a boundary with nothing scheduled: a prefill step for joiners, else a decode segment
@@ -353,7 +363,7 @@ class Simulation:
             dt = self.cost.prefill_time(len(new), max(r.prompt_tokens + len(r.resume_ids)
                                                       for d in new for r in d.batch.requests))
             if wk.n:
-                dt += self._step(wk.n, wk.kv)
+                dt += self._step(wk.n, wk.kv, self._width(wk, wk.it))
                 wk.kv += wk.n
             self.stats.total_tokens += wk.n + len(new)
             wk.it += 1
@@ -367,9 +377,11 @@ class Simulation:
             if self.progress_every:  # stop at the next progress report
                 target = min(target, (wk.it // self.progress_every + 1) * self.progress_every)
             n, kv, it = wk.n, wk.kv, wk.it
+            width = self._width(wk, it)
             while it < target:
-                t += self._step(n, kv)
+                t += self._step(n, kv, width)
                 kv += n
+                width += 1
                 it += 1
             self.stats.total_tokens += n * (it - wk.it)
             wk.kv, wk.it = kv, it
@@ -402,9 +414,11 @@ class Simulation:
         wk = self._ccb[w]
         t, it, kv = wk.seg  # type: ignore[misc]
         n = wk.n
+        width = self._width(wk, it)  # no row joined or left during the segment
         while t < now and it < wk.it:
-            t += self._step(n, kv)
+            t += self._step(n, kv, width)
             kv += n
+            width += 1
             it += 1
         if it == wk.it:
             return  # the scheduled end is that boundary anyway

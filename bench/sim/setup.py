@@ -104,18 +104,19 @@ def read_continuous_log(
 
 def cost_setup(
     hardware: str, model: ModelProfile, fit_log: str | Path | None = None,
-    window: tuple[float, float] | None = None,
+    window: tuple[float, float] | None = None, padded: bool = False,
 ) -> CostSetup:
     """The analytical model, or (with ``fit_log``) the hardware figures fitted to that log's
-    batches (those that started within ``window``, when given)."""
+    batches (those that started within ``window``, when given); ``padded``: an iteration-level
+    worker's steps read every row at the longest row's length (``fit_hardware_continuous``)."""
     prior = get_hardware(hardware)
     if fit_log is None:
         return CostSetup(model, prior, prior, f"analytical: {model.name} on {prior.name}")
     scope = " started during the replayed run" if window else ""
     continuous = read_continuous_log(fit_log, window)
     if continuous is not None:
-        fitted = fit_hardware_continuous(model, continuous, prior)
-        what = f"{sum(map(len, continuous))} rows of an iteration-level worker"
+        fitted = fit_hardware_continuous(model, continuous, prior, padded=padded)
+        what = f"{sum(map(len, continuous))} rows of an iteration-level worker ({'padded' if padded else 'packed'} cache)"
     else:
         samples = read_batch_log(fit_log, window)
         if len(samples) < 2:

@@ -124,14 +124,16 @@ def simulate_policy(
     rate: float | None = None,
     overheads: Overheads = NO_OVERHEADS,
     early_exit: bool = True,
+    padded: bool = False,
 ) -> tuple[PolicyRun, list[Traced]]:
     """Run one policy on a trace; returns its metrics and the simulated requests. ``early_exit``
-    as the server's ``--batch-exit early`` (default); False: the paper's literal static batches."""
+    as the server's ``--batch-exit early`` (default); False: the paper's literal static batches.
+    ``padded``: continuous workers keep one left-padded cache (the server's iteration runner)."""
     start = time.perf_counter()
     policy = build_policy(name, setup, params or PolicyParams())
     reqs = trace_requests(trace, policy.needs_prediction, overheads.ingress_s)
     sim = Simulation(policy, setup.cost(name), workers, ttft=ttft, progress=progress,
-                     turnaround_s=overheads.turnaround_s, early_exit=early_exit)
+                     turnaround_s=overheads.turnaround_s, early_exit=early_exit, padded=padded)
     stats = sim.run([t.request for t in reqs])
     summary = summarize([to_record(r, overheads.egress_s) for r in reqs], stats.total_tokens)
     return PolicyRun(name, rate, summary, stats, time.perf_counter() - start), reqs
