@@ -6,7 +6,9 @@ Without ``--model`` it first trains a forest on a synthetic workload (random wor
 three applications) so the numbers cover the full path: embedding the user texts (application
 texts come from the LRU cache, as in serving), compressing, and the forest with its per-tree
 quantile. Every call gets fresh user texts, so nothing is served from a cache that would not be
-in production. Also times the two parts separately and the cold-start fallback.
+in production. Also times the two parts separately and the cold-start fallback. A model file of the
+probe form (``magnus predictor train --form probe``) is timed with its probe: the served model
+(``--probe-model``, default ``default``) run to the recorded depth on every prompt.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from predictor import LengthPredictor, PredictInput, PredictorConfig
 from predictor.embedder import Embedder
 from predictor.features import FeatureExtractor
 from predictor.forest import ForestParams, LengthForest
+from predictor.mixture import load_length_model
+from predictor.probe_mixture import probe_rows
 from predictor.repredict import HeadRow
 from predictor.trainset import TrainingSet
 
@@ -76,6 +80,7 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
+    ap.add_argument("--probe-model", default="default", help="a probe-form model's served model (its spec)")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
 
@@ -90,13 +95,28 @@ def main() -> int:
             ts = TrainingSet(embedder.name, embedder.dim, X, ys, [i.app_text for i in items])
             model = os.path.join(tmp, "bench.joblib")
             LengthForest.fit(ts, ForestParams(n_estimators=args.n_estimators, seed=args.seed)).save(model)
-        pred = LengthPredictor(PredictorConfig(embedder=args.embedder, model_path=model), embedder=embedder)
+        meta = load_length_model(model).meta
+        probe_cfg = {}
+        if getattr(meta, "probe", None):
+            from service.settings import Settings
+            from worker.loader import materialize, resolve
+
+            probe_cfg = {"form": "probe", "served_model": meta.served_model,
+                         "probe_model_dir": materialize(resolve(args.probe_model), Settings().cache_dir),
+                         "probe_layer": int(meta.probe.rsplit("@", 1)[1]), "embed_threads": args.threads}
+        pred = LengthPredictor(PredictorConfig(embedder=args.embedder, model_path=model, **probe_cfg),
+                               embedder=embedder)
         cold = LengthPredictor(PredictorConfig(embedder=args.embedder), embedder=embedder)
     forest = pred._model
     assert forest is not None
     fx = FeatureExtractor(embedder)
 
+    probe = pred.probe
+
     def features(batch: list[PredictInput]) -> np.ndarray:
+        if probe is not None:
+            return probe_rows(probe.encode([i.app_text for i in batch], [i.user_text for i in batch]),
+                              np.array([i.input_tokens for i in batch]))
         return fx.transform([i.app_text for i in batch], [i.user_text for i in batch],
                             [i.input_tokens for i in batch])
 
@@ -106,8 +126,12 @@ def main() -> int:
         pools = [synthetic(b, rng)[0] for _ in range(args.reps + 1)]
         feats = {id(batch): features(batch) for batch in pools}
         lines.append(row(f"predict ({forest.form} model, full path)", b, timed(pred.predict, pools)))
-        lines.append(row("  embed user texts", b, timed(
-            lambda batch: embedder.encode([i.user_text for i in batch]), pools)))
+        if probe is not None:
+            lines.append(row(f"  probe the prompts ({probe.layer} layers of the served model)", b, timed(
+                lambda batch: probe.encode([i.app_text for i in batch], [i.user_text for i in batch]), pools)))
+        else:
+            lines.append(row("  embed user texts", b, timed(
+                lambda batch: embedder.encode([i.user_text for i in batch]), pools)))
         lines.append(row(f"  {forest.form} model + high estimate", b, timed(
             lambda batch: forest.predict_lengths(  # noqa: B023 (called in this iteration)
                 feats[id(batch)], np.array([i.max_tokens for i in batch], dtype=float)), pools)))  # noqa: B023
@@ -120,8 +144,8 @@ def main() -> int:
     import torch
 
     threads = args.threads or torch.get_num_threads()
-    print(f"embedder {embedder.name} (d={embedder.dim}) on cpu, torch threads {threads}, "
-          f"{forest.form} model ({forest.meta.params['n_estimators']} trees) on {forest.meta.train_size} rows, "
+    reads = f"probe {probe.name} (d={probe.dim})" if probe is not None else f"embedder {embedder.name} (d={embedder.dim})"
+    print(f"{reads} on cpu, torch threads {threads}, {forest.form} model on {forest.meta.train_size} rows, "
           f"{args.reps} reps after 1 warm-up")
     print("\n".join(lines))
     return 0

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -22,11 +22,17 @@ from predictor.evaluate import evaluate_groups, finalize, repredict_report, yard
 from predictor.features import FeatureExtractor
 from predictor.forest import TARGETS, ForestParams, LengthForest
 from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
+from predictor.probe import PromptProbe
+from predictor.probe_mixture import ProbeMixture, probe_rows
 from predictor.repredict import HeadRow, fit_from_training_set
 from predictor.trainset import TrainingSet
 
+#: Turns a ``--probe-model`` value (a model spec such as ``default``) into a transformers directory;
+#: the ``magnus`` command installs the served model's resolver, standalone use takes a directory.
+ModelResolver = Callable[[str], str]
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+
+def register(sub: argparse._SubParsersAction, resolve_model: ModelResolver | None = None) -> None:  # type: ignore[type-arg]
     """Add ``predictor train | eval | info`` to an argparse subparsers object."""
     p = sub.add_parser("predictor", help="generation-length predictor: train, evaluate, inspect")
     leaves = p.add_subparsers(dest="predictor_cmd", required=True)
@@ -37,9 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     src.add_argument("--from-jsonl", metavar="FILE",
                      help="JSONL rows: instruction, input, input_tokens, output_tokens[, app, max_tokens]")
     t.add_argument("--out", required=True, metavar="MODEL", help="model file to write (joblib)")
-    t.add_argument("--form", choices=("mixture", "paper"), default="mixture",
+    t.add_argument("--form", choices=("mixture", "paper", "probe"), default="mixture",
                    help="mixture: runaway classifier + ended-length regressor, calibrated high estimate "
-                        "(default); paper: the paper's random forest")
+                        "(default); paper: the paper's random forest; probe: the mixture on the served "
+                        "model's hidden state of the prompt (needs --probe-model and --served-model)")
     t.add_argument("--heads", metavar="FILE",
                    help="mixture: also train the re-predictor on these rows' first generated tokens "
                         "(JSONL id, head_ids: python -m bench.prefix)")
@@ -50,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="the served model whose lengths the rows hold; recorded in the file so a server "
                         "serving another model refuses it (default: not recorded)")
     t.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
+    _probe_args(t, resolve_model)
     t.add_argument("--n-estimators", type=int, default=100)
     t.add_argument("--max-depth", type=int, default=None)
     t.add_argument("--min-samples-leaf", type=int, default=1)
@@ -70,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("file", metavar="FILE", help="JSONL rows with true output_tokens")
     e.add_argument("--model", required=True, metavar="MODEL")
     e.add_argument("--paper", metavar="MODEL", help="also score this paper-form model file (a 'paper form' row)")
+    e.add_argument("--mixture", metavar="MODEL", help="also score this mixture-form model file (a 'mixture' row)")
     e.add_argument("--heads", metavar="FILE",
                    help="first generated tokens of FILE's rows (JSONL id, head_ids): score the model's "
                         "re-predictor after 16 and 32 tokens")
@@ -79,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="embedder to load (default: the one recorded in the model; must match it)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
+    _probe_args(e, resolve_model)
     e.add_argument("--quantile", type=float, default=None, help="override the model's high quantile")
     e.add_argument("--runaway-threshold", type=float, default=0.5,
                    help="flag a runaway when P(length >= max_tokens) from the trees is at least this")
@@ -91,6 +101,31 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     i = leaves.add_parser("info", help="print a model file's metadata")
     i.add_argument("model", metavar="MODEL")
     i.set_defaults(func=cmd_info)
+
+
+def _probe_args(p: argparse.ArgumentParser, resolve_model: ModelResolver | None) -> None:
+    p.add_argument("--probe-model", metavar="MODEL",
+                   help="form probe: the served model (" + ("a model spec as `magnus serve --model` takes, "
+                        "e.g. default" if resolve_model else "its transformers directory") + ")")
+    p.add_argument("--probe-layer", type=int, default=None,
+                   help="form probe: decoder layers run (default: just past the middle)")
+    p.set_defaults(resolve_model=resolve_model)
+
+
+def _probe(args: argparse.Namespace, served_model: str | None, layer: int | None) -> PromptProbe:
+    if not args.probe_model or not served_model:
+        raise SystemExit("form probe needs --probe-model and the served model's name (--served-model)")
+    where = args.resolve_model(args.probe_model) if args.resolve_model else args.probe_model
+    return PromptProbe(where, served_model, layer, threads=args.threads)
+
+
+def _model_rows(model: Any, rows: Sequence[Row], embedder: Embedder, probe: PromptProbe | None) -> np.ndarray:
+    """What ``model.predict_lengths`` reads for ``rows``: probe rows for a probe model, else features."""
+    if model.form == "probe":
+        assert probe is not None
+        Z = probe.encode([r.app_text for r in rows], [r.user_text for r in rows])
+        return probe_rows(Z, np.array([r.input_tokens for r in rows]))
+    return _featurize(rows, embedder)
 
 
 def _featurize(rows: Sequence[Row], embedder: Embedder) -> np.ndarray:
@@ -151,15 +186,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"--heads: {len(missing)} rows have no head tokens or no max_tokens (e.g. {missing[:3]})",
               file=sys.stderr)
         return 2
+    probe = _probe(args, args.served_model, args.probe_layer) if args.form == "probe" else None
+    Z = None if probe is None else probe.encode([r.app_text for r in fit_rows], [r.user_text for r in fit_rows])
     train = TrainingSet(embedder.name, embedder.dim, X, np.array([r.output_tokens for r in fit_rows]),
                         [r.app_text for r in fit_rows], served_model=args.served_model,
                         max_tokens=np.array([r.max_tokens or 0 for r in fit_rows]),
-                        heads=TrainingSet.pack_heads([heads.get(r.id, []) for r in fit_rows]))
+                        heads=TrainingSet.pack_heads([heads.get(r.id, []) for r in fit_rows]),
+                        Z=Z, probe=None if probe is None else probe.name)
     forest: LengthForest | RunawayMixture
     if args.form == "paper":
         forest = LengthForest.fit(train, params, show_progress=True)
     else:
-        forest = RunawayMixture.fit(train, MixtureParams(quantile=args.quantile, seed=args.seed, n_jobs=args.n_jobs))
+        form = ProbeMixture if args.form == "probe" else RunawayMixture
+        forest = form.fit(train, MixtureParams(quantile=args.quantile, seed=args.seed, n_jobs=args.n_jobs))
         if args.heads:
             assert forest.oob is not None
             forest.repredictor = fit_from_training_set(train, forest.oob, args.quantile, args.seed, min_rows=1)
@@ -167,7 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 print("too few rows with first tokens to fit the re-predictor", file=sys.stderr)
                 return 2
     if hold:
-        point, high, _ = _predict_rows(forest, hold, _featurize(hold, embedder), None)
+        point, high, _ = _predict_rows(forest, hold, _model_rows(forest, hold, embedder, probe), None)
         m = evaluate_groups(["all"] * len(hold), np.array([r.output_tokens for r in hold]),
                             {"forest": point}, {"forest": high})["overall"]["forest"]
         forest.meta.metrics.update(
@@ -175,7 +214,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     forest.save(args.out)
     metrics = ", ".join(f"{k} {v:.3g}" for k, v in forest.meta.metrics.items())
     elapsed = time.perf_counter() - started
-    print(f"trained on {len(train)} rows with {embedder.name} in {elapsed:.1f}s: {metrics}")
+    reads = embedder.name if probe is None else f"{probe.name} (and {embedder.name} for the stored rows)"
+    print(f"trained on {len(train)} rows with {reads} in {elapsed:.1f}s: {metrics}")
     print(f"wrote {args.out}")
     return 0
 
@@ -206,12 +246,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("the model holds no training rows; pass --train FILE for the baselines", file=sys.stderr)
         return 2
     quantile = args.quantile if args.quantile is not None else forest.quantile
-    X = _featurize(rows, embedder)
-    point, high, score = _predict_rows(forest, rows, X, args.quantile)
+    probe = None
+    if forest.form == "probe":
+        probe = _probe(args, forest.meta.served_model, args.probe_layer or int(forest.meta.probe.rsplit("@", 1)[1]))
+        if probe.name != forest.meta.probe:
+            print(f"the model reads the probe {forest.meta.probe!r}, not {probe.name!r}", file=sys.stderr)
+            return 2
+    inputs: dict[bool, np.ndarray] = {}  # the rows as a probe model / any other form reads them
+
+    def read_as(model: Any) -> np.ndarray:
+        key = model.form == "probe"
+        if key not in inputs:
+            inputs[key] = _model_rows(model, rows, embedder, probe)
+        return inputs[key]
+
+    point, high, score = _predict_rows(forest, rows, read_as(forest), args.quantile)
     extra = {}
-    if args.paper:
-        paper = load_length_model(args.paper, embedder.name, embedder.dim)
-        extra["paper form"] = _predict_rows(paper, rows, X, None)[0]
+    for label, path in (("mixture", args.mixture), ("paper form", args.paper)):
+        if path:
+            other = load_length_model(path, embedder.name, embedder.dim)
+            extra[label] = _predict_rows(other, rows, read_as(other), None)[0]
     name = ("P(length >= max_tokens), the share of trees predicting at least max_tokens" if forest.form == "paper"
             else "the runaway classifier's P(length >= max_tokens)")
     report = yardstick(b_apps, b_x, b_y, rows, point, high, quantile, score, args.runaway_threshold, name,

@@ -62,6 +62,15 @@ class MixtureMeta:
     created: float = field(default_factory=time.time)
     sklearn_version: str = sklearn.__version__
     served_model: str | None = None
+    probe: str | None = None  # the probe whose features the model reads (form "probe"; None: none)
+
+
+def ended_rows(run: np.ndarray) -> np.ndarray:
+    """The rows the length regressor learns from: those that ended (not runaways). When (nearly)
+    every length is censored, all rows: the runaway share (~1) decides, the regressor on the
+    lower bounds is only a stand-in."""
+    ended = ~run
+    return ended if ended.sum() >= 2 else np.ones(len(run), dtype=bool)
 
 
 def design(X: np.ndarray, max_tokens: np.ndarray) -> np.ndarray:
@@ -96,8 +105,9 @@ class RunawayMixture:
     """A fitted runaway classifier and ended-length regressor (see the module docstring)."""
 
     form = "mixture"
+    FORMAT = _FORMAT
 
-    def __init__(self, classifier: RandomForestClassifier | float, regressor: RandomForestRegressor,
+    def __init__(self, classifier: Any, regressor: Any,
                  resid: np.ndarray, meta: MixtureMeta, train: TrainingSet | None = None) -> None:
         self.classifier = classifier  # a float: every training row had the same label (that share)
         self.regressor = regressor
@@ -118,38 +128,56 @@ class RunawayMixture:
             raise ValueError("need at least 2 rows to fit")
         assert train.max_tokens is not None
         run = train.censored
-        F = design(train.X, train.max_tokens)
+        F = cls.design_of(train)
         y = train.y.astype(np.float64)
         if 0 < run.sum() < len(run):
-            clf: RandomForestClassifier | float = RandomForestClassifier(
+            clf: Any = RandomForestClassifier(
                 n_estimators=params.n_estimators, min_samples_leaf=params.classifier_leaf, oob_score=True,
                 random_state=params.seed, n_jobs=params.n_jobs).fit(F, run)
             p_oob = np.nan_to_num(clf.oob_decision_function_[:, 1], nan=float(run.mean()))
         else:
             clf = float(run.mean())
             p_oob = np.full(len(run), clf)
-        ended = ~run
-        if ended.sum() < 2:  # (nearly) every length censored: the runaway share (~1) decides; the
-            ended = np.ones(len(y), dtype=bool)  # regressor on the lower bounds is only a stand-in
+        ended = ended_rows(run)
         reg = RandomForestRegressor(n_estimators=params.n_estimators, min_samples_leaf=params.min_samples_leaf,
                                     oob_score=True, random_state=params.seed, n_jobs=params.n_jobs)
         reg.fit(F[ended], np.log(np.maximum(y[ended], 1.0)))
         mu = reg.predict(F)  # runaway rows were not fitted on: out of sample already
         oob = reg.oob_prediction_
         mu[ended] = np.where(np.isnan(oob), mu[ended], oob)
+        return cls.assemble(train, params, clf, reg, p_oob, mu, ended)
+
+    @classmethod
+    def assemble(cls, train: TrainingSet, params: MixtureParams, clf: Any, reg: Any, p_oob: np.ndarray,
+                 mu: np.ndarray, ended: np.ndarray, probe: str | None = None) -> RunawayMixture:
+        """The fitted mixture from its two models and their out-of-sample predictions on the
+        training rows (``p_oob``, ``mu``): residual spread, calibrated high level, metrics."""
+        assert train.max_tokens is not None
+        y = train.y.astype(np.float64)
         resid = np.log(np.maximum(y[ended], 1.0)) - mu[ended]
         caps = np.where(train.max_tokens > 0, train.max_tokens, np.inf)
         q = calibrate(params.quantile, p_oob, mu, resid, y, caps)
         point = mixture_quantile(0.5, p_oob, mu, resid, caps)
         high = mixture_quantile(q, p_oob, mu, resid, caps)
         metrics = {"oob_n": float(len(y)), "oob_mae": float(np.abs(point - y).mean()),
-                   "oob_high_coverage": float((y <= high + 1e-6).mean()), "runaway_share": float(run.mean())}
+                   "oob_high_coverage": float((y <= high + 1e-6).mean()),
+                   "runaway_share": float(train.censored.mean())}
         meta = MixtureMeta(embedder=train.embedder, dim=train.dim, feature_version=train.feature_version,
                            train_size=len(train), params=asdict(params), calibrated_q=q, metrics=metrics,
-                           served_model=train.served_model)
+                           served_model=train.served_model, probe=probe)
         out = cls(clf, reg, resid, meta, train)
-        out.oob = (p_oob, point)  # out-of-bag runaway probability and point of the training rows
+        out.oob = (p_oob, point)  # out-of-sample runaway probability and point of the training rows
         return out
+
+    @staticmethod
+    def design_of(train: TrainingSet) -> np.ndarray:
+        """The design rows of a training set (what ``predict_lengths`` gets as ``X``, designed)."""
+        assert train.max_tokens is not None
+        return design(train.X, train.max_tokens)
+
+    @staticmethod
+    def design(X: np.ndarray, max_tokens: np.ndarray) -> np.ndarray:
+        return design(X, max_tokens)
 
     def runaway_probability(self, F: np.ndarray) -> np.ndarray:
         if isinstance(self.classifier, float):
@@ -162,7 +190,7 @@ class RunawayMixture:
         if len(X) == 0:
             return np.zeros(0), np.zeros(0), np.zeros(0)
         caps = np.asarray(max_tokens, dtype=np.float64)
-        F = design(X, caps)
+        F = self.design(X, caps)
         p = self.runaway_probability(F)
         mu = self.regressor.predict(F)
         caps = np.where(caps > 0, caps, np.inf)
@@ -173,7 +201,7 @@ class RunawayMixture:
         """Write a joblib file atomically (the models, metadata, training rows and the repredictor)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"format": _FORMAT, "meta": asdict(self.meta), "classifier": self.classifier,
+        payload = {"format": self.FORMAT, "meta": asdict(self.meta), "classifier": self.classifier,
                    "regressor": self.regressor, "resid": self.resid, "repredictor": self.repredictor,
                    "train": None if self.train is None else self.train.to_arrays()}
         tmp = path.with_name(path.name + ".tmp")
@@ -196,8 +224,10 @@ def load_length_model(path: str | os.PathLike[str], want_embedder: str | None = 
     """A model file of either form: ``RunawayMixture`` or the paper's ``LengthForest`` (trusted input:
     joblib unpickles). Raises ``ModelMismatchError`` for another embedder or feature version."""
     from predictor.forest import LengthForest
+    from predictor.probe_mixture import ProbeMixture
 
     payload = joblib.load(path)
-    if isinstance(payload, dict) and payload.get("format") == _FORMAT:
-        return RunawayMixture.from_payload(payload, path, want_embedder, want_dim)
+    for form in (RunawayMixture, ProbeMixture):
+        if isinstance(payload, dict) and payload.get("format") == form.FORMAT:
+            return form.from_payload(payload, path, want_embedder, want_dim)
     return LengthForest.load(path, want_embedder, want_dim)

@@ -18,6 +18,8 @@ from predictor.embedder import Embedder
 from predictor.features import FeatureExtractor
 from predictor.forest import ForestParams, LengthForest
 from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
+from predictor.probe import PromptProbe
+from predictor.probe_mixture import ProbeMixture, probe_rows
 from predictor.repredict import MIN_HEAD_ROWS, HeadRow, fit_from_training_set
 from predictor.trainset import ModelMismatchError, TrainingSet
 from predictor.types import PredictInput, Prediction
@@ -28,8 +30,8 @@ _APP_HISTORY = 512  # true lengths kept per application for the cold-start media
 _MAX_APPS = 1024  # applications tracked for the cold-start median (least recently seen dropped)
 _RECENT = 200  # finished requests in the rolling health window (/metrics)
 FALLBACK_SOURCES = frozenset({"app_median", "max_tokens"})
-FORMS = ("mixture", "paper")
-LengthModel = LengthForest | RunawayMixture
+FORMS = ("mixture", "paper", "probe")
+LengthModel = LengthForest | RunawayMixture  # ProbeMixture is a RunawayMixture
 
 
 @dataclass
@@ -38,6 +40,9 @@ class PredictorConfig:
 
     embedder: str = "default"  # "default" (bundled all-MiniLM-L6-v2), a local path or a hub id
     form: str = "mixture"  # "mixture" (runaway classifier + ended-length regressor) | "paper" (the forest)
+    # | "probe" (the mixture on the served model's hidden state of the prompt: predictor.probe)
+    probe_model_dir: str | None = None  # form "probe": the served model's transformers directory
+    probe_layer: int | None = None  # form "probe": layers run (None: predictor.probe.default_layer)
     model_path: str | None = None  # model file to load at start / save to after retraining
     model_is_explicit: bool = False  # model_path was given by the user (--predictor-model), not the state dir
     train_set_path: str | None = None  # persisted continual-learning training set (.npz)
@@ -66,12 +71,16 @@ class PredictorConfig:
             raise ValueError("min_train must be >= 1")
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}")
+        if self.form == "probe" and not (self.probe_model_dir and self.served_model):
+            raise ValueError("form 'probe' needs probe_model_dir and served_model (the served model's files and name)")
         self.forest_params()  # validates the forest settings
 
     def fit(self, train: TrainingSet) -> LengthModel:
         """A model of the configured form fitted on ``train`` (blocking)."""
         if self.form == "paper":
             return LengthForest.fit(train, self.forest_params())
+        if self.form == "probe":
+            return ProbeMixture.fit(train, MixtureParams(quantile=self.quantile, seed=self.seed, n_jobs=self.n_jobs))
         return RunawayMixture.fit(train, MixtureParams(quantile=self.quantile, seed=self.seed, n_jobs=self.n_jobs))
 
     def forest_params(self) -> ForestParams:
@@ -136,6 +145,11 @@ class LengthPredictor:
         self.embedder = embedder or Embedder(cfg.embedder, device=cfg.device, cache_size=cfg.app_cache_size,
                                              threads=cfg.embed_threads)
         self._features = FeatureExtractor(self.embedder)
+        self.probe: PromptProbe | None = None
+        if cfg.form == "probe":
+            assert cfg.probe_model_dir is not None and cfg.served_model is not None
+            self.probe = PromptProbe(cfg.probe_model_dir, cfg.served_model, cfg.probe_layer,
+                                     threads=cfg.embed_threads)
         self._lock = threading.Lock()  # guards the state below; never held while embedding/fitting
         self._retrain_lock = threading.Lock()  # one retrain (or final persist) at a time
         self.discarded_state: list[str] = []  # files skipped: learned for another served model
@@ -143,7 +157,7 @@ class LengthPredictor:
         if cfg.model_path and Path(cfg.model_path).exists():
             model = load_length_model(cfg.model_path, self.embedder.name, self.embedder.dim)
             if self._served_model_fits("model file", cfg.model_path, model.meta.served_model,
-                                       explicit=cfg.model_is_explicit):
+                                       explicit=cfg.model_is_explicit) and self._probe_fits(model, cfg.model_path):
                 self._model = model
         train: TrainingSet | None = None
         if cfg.train_set_path and Path(cfg.train_set_path).exists():
@@ -152,8 +166,7 @@ class LengthPredictor:
                 train = loaded
         if train is None and self._model is not None and self._model.train is not None:
             train = self._model.train  # a CLI-trained model carries its training rows
-        if train is None:
-            train = TrainingSet(self.embedder.name, self.embedder.dim)
+        train = self._with_probe(train)
         if cfg.served_model is not None and train.served_model != cfg.served_model:
             train = dataclasses.replace(train, served_model=cfg.served_model)  # new rows record it
         self._train = train
@@ -173,6 +186,35 @@ class LengthPredictor:
         self._last_retrain_s = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _probe_fits(self, model: LengthModel, path: str) -> bool:
+        """A probe model needs this predictor's probe (the same served model and layer)."""
+        want = getattr(model.meta, "probe", None)
+        have = None if self.probe is None else self.probe.name
+        if want is None or want == have:
+            return True
+        if self.cfg.model_is_explicit:
+            raise ModelMismatchError(f"refusing model file {path}: it reads the probe {want!r}, but this "
+                                     f"predictor has {have or 'none'} (--predictor-form probe, the same model "
+                                     "and layer)")
+        log.warning("ignoring model file %s: it reads the probe %r, this predictor has %s", path, want, have)
+        self.discarded_state.append(str(path))
+        return False
+
+    def _with_probe(self, train: TrainingSet | None) -> TrainingSet:
+        """The training set to continue from, with this predictor's probe features (or none): a
+        set probed otherwise is started afresh (its features cannot be recomputed without texts)."""
+        name = None if self.probe is None else self.probe.name
+        if train is not None and train.probe == name:
+            return train
+        if train is not None and self.probe is None:
+            return dataclasses.replace(train, Z=None, probe=None)
+        if train is not None and len(train):
+            log.warning("starting a fresh training set: the stored one has probe features %r, this predictor "
+                        "needs %r", train.probe, name)
+        Z = None if self.probe is None else np.zeros((0, self.probe.dim), dtype=np.float32)
+        return TrainingSet(self.embedder.name, self.embedder.dim, Z=Z, probe=name,
+                           served_model=None if train is None else train.served_model)
 
     def _served_model_fits(self, what: str, path: str, recorded: str | None, explicit: bool = False) -> bool:
         """Whether a file learned for served model ``recorded`` may be used now.
@@ -210,8 +252,13 @@ class LengthPredictor:
             with self._lock:
                 self._counts["fallback_predictions"] += len(items)
                 return [self._fallback(it) for it in items]
-        X = self._features.transform([it.app_text for it in items], [it.user_text for it in items],
-                                     [it.input_tokens for it in items])
+        apps, users = [it.app_text for it in items], [it.user_text for it in items]
+        tokens = [it.input_tokens for it in items]
+        if model.form == "probe":
+            assert self.probe is not None  # a probe model is only kept with its probe
+            X = probe_rows(self.probe.encode(apps, users), np.array(tokens))
+        else:
+            X = self._features.transform(apps, users, tokens)
         caps = np.array([it.max_tokens for it in items], dtype=np.float64)
         point, high, p_run = model.predict_lengths(X, caps, self.cfg.quantile if model.form == "paper" else None)
         with self._lock:
@@ -295,8 +342,10 @@ class LengthPredictor:
         y = np.array([o.true_tokens for o in pending], dtype=np.float32)
         caps = np.array([o.max_tokens for o in pending], dtype=np.float32)
         heads = TrainingSet.pack_heads([o.head_ids for o in pending])
+        Z = None if self.probe is None else self.probe.encode([o.app_text for o in pending],
+                                                              [o.user_text for o in pending])
         with self._lock:
-            self._train = self._train.extended(X, y, [o.app_text for o in pending], caps, heads)
+            self._train = self._train.extended(X, y, [o.app_text for o in pending], caps, heads, Z)
             self._train_dirty = True
         return len(pending)
 

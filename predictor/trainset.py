@@ -59,6 +59,9 @@ class TrainingSet:
     max_tokens: np.ndarray | None = None
     # each row's first HEAD_K generated token ids, -1 padded (all -1: unknown); the re-predictor's data
     heads: np.ndarray | None = None
+    # the served model's view of each prompt (predictor.probe), (rows, probe dim); None: not probed
+    Z: np.ndarray | None = None
+    probe: str | None = None  # the probe that made Z (predictor.probe.PromptProbe.name)
 
     def __post_init__(self) -> None:
         self.X = np.ascontiguousarray(self.X, dtype=np.float32).reshape(-1, N_FEATURES)
@@ -71,6 +74,12 @@ class TrainingSet:
         self.heads = np.asarray(self.heads, dtype=np.int32).reshape(-1, HEAD_K)
         if not (len(self.X) == len(self.y) == len(self.apps) == len(self.max_tokens) == len(self.heads)):
             raise ValueError("X, y, apps, max_tokens and heads must have the same length")
+        if (self.Z is None) != (self.probe is None):
+            raise ValueError("probe features Z and the probe's name go together")
+        if self.Z is not None:
+            self.Z = np.ascontiguousarray(self.Z, dtype=np.float32)
+            if self.Z.ndim != 2 or len(self.Z) != len(self.y):
+                raise ValueError("Z must hold one row of probe features per row")
 
     @staticmethod
     def pack_heads(heads: list[list[int]] | list[Any]) -> np.ndarray:
@@ -100,24 +109,31 @@ class TrainingSet:
         return self.X[:, INPUT_TOKENS_COL]
 
     def extended(self, X: np.ndarray, y: np.ndarray, apps: list[str],
-                 max_tokens: np.ndarray | None = None, heads: np.ndarray | None = None) -> TrainingSet:
-        """A new training set with the rows appended (the original is left untouched)."""
+                 max_tokens: np.ndarray | None = None, heads: np.ndarray | None = None,
+                 Z: np.ndarray | None = None) -> TrainingSet:
+        """A new training set with the rows appended (the original is left untouched). A probed
+        set needs ``Z`` for the new rows; an unprobed one takes none."""
         caps = np.zeros(len(y)) if max_tokens is None else np.asarray(max_tokens)
         new_heads = np.full((len(y), HEAD_K), -1, dtype=np.int32) if heads is None else heads
         assert self.max_tokens is not None and self.heads is not None
+        if (Z is None) != (self.Z is None):
+            raise ValueError("probe features must be given exactly when the training set has them")
+        new_Z = None if self.Z is None else np.vstack([self.Z, np.asarray(Z, dtype=np.float32)])
         return TrainingSet(self.embedder, self.dim, np.vstack([self.X, np.asarray(X, dtype=np.float32)]),
                            np.concatenate([self.y, np.asarray(y, dtype=np.float32)]),
                            self.apps + list(apps), self.feature_version, self.served_model,
                            np.concatenate([self.max_tokens, caps.astype(np.float32)]),
-                           np.vstack([self.heads, np.asarray(new_heads, dtype=np.int32).reshape(-1, HEAD_K)]))
+                           np.vstack([self.heads, np.asarray(new_heads, dtype=np.int32).reshape(-1, HEAD_K)]),
+                           new_Z, self.probe)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays (no pickled objects) with the metadata as a JSON string."""
         uniq = list(dict.fromkeys(self.apps))
         index = {a: i for i, a in enumerate(uniq)}
         meta = {"format": _FORMAT, "embedder": self.embedder, "dim": self.dim,
-                "feature_version": self.feature_version, "served_model": self.served_model}
-        return {"X": self.X, "y": self.y, "max_tokens": np.asarray(self.max_tokens, dtype=np.float32),
+                "feature_version": self.feature_version, "served_model": self.served_model, "probe": self.probe}
+        probed = {} if self.Z is None else {"Z": self.Z}
+        return {**probed, "X": self.X, "y": self.y, "max_tokens": np.asarray(self.max_tokens, dtype=np.float32),
                 "heads": np.asarray(self.heads, dtype=np.int32),
                 "app_idx": np.array([index[a] for a in self.apps], dtype=np.int32),
                 "app_texts": np.array(uniq, dtype=np.str_), "meta": np.array(json.dumps(meta))}
@@ -131,8 +147,10 @@ class TrainingSet:
         apps = [app_texts[i] for i in np.asarray(arrs["app_idx"])]
         caps = arrs["max_tokens"] if "max_tokens" in arrs else None  # files from before: unknown
         heads = arrs["heads"] if "heads" in arrs else None
+        probe = meta.get("probe")
         return cls(meta["embedder"], int(meta["dim"]), arrs["X"], arrs["y"], apps,
-                   int(meta["feature_version"]), meta.get("served_model"), caps, heads)
+                   int(meta["feature_version"]), meta.get("served_model"), caps, heads,
+                   arrs["Z"] if probe is not None else None, probe)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write an ``.npz`` file atomically (temporary file, then rename)."""

@@ -25,5 +25,5 @@ class Prediction:
 
     tokens: int  # point estimate G'(p), >= 1, NOT capped (the scheduler caps by max_tokens)
     high: int  # high quantile (>= tokens)
-    source: str  # "mixture" | "forest" (the paper form) | "repredicted" | "app_median" | "max_tokens" | "oracle" | "noisy" | "file" (simulator)
+    source: str  # "mixture" | "probe" | "forest" (the paper form) | "repredicted" | "app_median" | "max_tokens" | "oracle" | "noisy" | "file" (simulator)
     p_runaway: float | None = None  # probability that it runs to max_tokens (None: not estimated)

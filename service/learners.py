@@ -159,13 +159,13 @@ def build(settings: Settings, info: ModelInfo) -> Learners:
         sched.estimator.kind = device_kind(info.device)  # the local workers' kind: the persisted state's
     learners = Learners(sched, settings=settings, profile=served_profile(settings.policy, model))
     if policy_class(settings.policy).needs_prediction:
-        learners.predictor = _predictor(settings, info.name)
+        learners.predictor = _predictor(settings, info.name, info.local_dir)
     mem = sched.memory
     log.info("policy %s: Delta=%.0f B/token, Theta=%.2f GiB", sched.policy.name, mem.delta, mem.theta / 1024**3)
     return learners
 
 
-def _predictor(settings: Settings, served_model: str):
+def _predictor(settings: Settings, served_model: str, model_dir: str):
     from predictor.predictor import LengthPredictor, PredictorConfig
 
     cfg = PredictorConfig(
@@ -176,6 +176,8 @@ def _predictor(settings: Settings, served_model: str):
         train_set_path=str(settings.state_dir / "predictor_trainset.npz"),
         retrain_interval_s=settings.predictor_interval_s,
         served_model=served_model,
+        probe_model_dir=model_dir,
+        probe_layer=settings.predictor_probe_layer,
         embed_threads=1,  # the embedder shares the CPU with the workers; one thread is faster there
     )
     return LengthPredictor(cfg)

@@ -149,14 +149,23 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     return name, parse_settings(items)
 
 
-def run_policy(policy: str, plan: Plan, workdir: Path, predictor: Path | None) -> tuple[list[Run], dict]:
+def predictor_form(policy: str, settings: dict[str, object]) -> str:
+    """The length-predictor form a variant's server learns (its own ``predictor_form``, else the
+    shared settings', else the server's default)."""
+    _, own = parse_variant(policy)
+    return str(own.get("predictor_form", settings.get("predictor_form", "mixture")))
+
+
+def run_policy(policy: str, plan: Plan, workdir: Path, predictors: dict[str, Path]) -> tuple[list[Run], dict]:
     """Start a server for ``policy`` (a name or a ``parse_variant`` spec), run every rate, stop it.
+    ``predictors``: a trained model file per predictor form (a predictive variant gets its form's).
     Returns the runs and server facts."""
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     name, own = parse_variant(policy)
     settings: dict[str, object] = {**plan.settings, **own, "policy": name}
+    predictor = predictors.get(predictor_form(policy, plan.settings))
     if predictor is not None and name in PREDICTIVE:
         own = workdir / "predictor.joblib"
         shutil.copyfile(predictor, own)
@@ -209,11 +218,18 @@ def _batch_tokens(db: Path, records: Sequence[RequestRecord]) -> int | None:
         return None
 
 
-def train_predictor(truth: Path, out: Path, heads: Path | None = None) -> Path:
-    """Train a length predictor with ``magnus predictor train --from-jsonl`` (a subprocess); with
-    ``heads``, its re-predictor too (``--heads``)."""
+def train_predictor(truth: Path, out: Path, heads: Path | None = None, form: str = "mixture",
+                    model: str = "default") -> Path:
+    """Train a length predictor of ``form`` with ``magnus predictor train --from-jsonl`` (a
+    subprocess); with ``heads``, its re-predictor too (``--heads``). The probe form probes the
+    served ``model``."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "magnus", "predictor", "train", "--from-jsonl", str(truth), "--out", str(out)]
+    cmd = [sys.executable, "-m", "magnus", "predictor", "train", "--from-jsonl", str(truth), "--out", str(out),
+           "--form", form]
+    if form == "probe":
+        from worker.loader import resolve
+
+        cmd += ["--probe-model", model, "--served-model", resolve(model).name]
     if heads is not None:
         cmd += ["--heads", str(heads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -375,22 +391,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
         startup_timeout=args.startup_timeout, progress=not args.no_progress, slo=load.SLO.parse(args.slo),
     )
     predictor, predictor_note = args.predictor_model, "none (cold-start fallback)"
+    forms = sorted({predictor_form(p, settings) for p in policies if parse_variant(p)[0] in PREDICTIVE})
+    predictors: dict[str, Path] = {}
     if predictor is not None:
         if not predictor.is_file():
             print(f"compare: no predictor model file {predictor}", file=sys.stderr)
             return 2
+        predictors = dict.fromkeys(forms, predictor)
         predictor_note = f"`{predictor}`"
-    names = {parse_variant(p)[0] for p in policies}
-    if args.warmup_train is not None and predictor is None and PREDICTIVE.intersection(names):
+    if args.warmup_train is not None and predictor is None and forms:
         try:
-            predictor = train_predictor(args.warmup_train, work / "predictor.joblib", args.warmup_heads)
+            predictors = {form: train_predictor(args.warmup_train, work / f"predictor_{form}.joblib",
+                                                args.warmup_heads, form, args.model) for form in forms}
         except subprocess.CalledProcessError as exc:
             print(f"compare: training the predictor failed ({exc})", file=sys.stderr)
             return 1
-        predictor_note = f"trained on `{args.warmup_train}` (magnus predictor train --from-jsonl)"
+        predictor_note = (f"trained on `{args.warmup_train}` (magnus predictor train --from-jsonl --form "
+                          f"{'/'.join(forms)}, one file per form)")
         if args.warmup_heads is not None:
             predictor_note += f", re-predictor on `{args.warmup_heads}` (--heads)"
-    elif predictor is None and PREDICTIVE.intersection(names):
+    elif predictor is None and forms:
         print("compare: no --predictor-model or --warmup-train: predictive policies start untrained",
               file=sys.stderr)
 
@@ -399,7 +419,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     failed: dict[str, str] = {}
     for policy in tqdm(policies, desc="policies", unit="policy", disable=args.no_progress):
         try:
-            policy_runs, servers[policy] = run_policy(policy, plan, work / policy, predictor)
+            policy_runs, servers[policy] = run_policy(policy, plan, work / policy, predictors)
             runs += policy_runs
         except Exception as exc:  # noqa: BLE001 - one policy failing must not lose the others
             failed[policy] = f"{type(exc).__name__}: {str(exc)[-1500:]}"

@@ -1,0 +1,185 @@
+"""The served model's own view of the prompt (predictor form ``probe``): the probe's features, the
+probe mixture (censoring, runaway direction, calibration), continual learning, refusal of another
+probe's files, and the CLI. Real parts: a randomly initialised 2-layer Llama with SmolLM2's
+tokenizer, the bundled embedder, scikit-learn."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from openai import OpenAI
+from sklearn.metrics import roc_auc_score
+
+from predictor import LengthPredictor, ModelMismatchError, PredictInput, PredictorConfig
+from predictor.cli import main as cli_main
+from predictor.embedder import Embedder, get_embedder
+from predictor.features import N_FEATURES
+from predictor.mixture import MixtureParams, load_length_model
+from predictor.probe import PromptProbe, chat_prompt
+from predictor.probe_mixture import ProbeMixture, probe_rows
+from predictor.trainset import TrainingSet
+from service.launcher import start_server
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return get_embedder("default", threads=1)
+
+
+def test_probe_is_the_hidden_state_of_the_prompts_last_token(tiny_model_dir: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    probe = PromptProbe(tiny_model_dir, "tiny", layer=1)
+    assert (probe.name, probe.dim) == ("probe:tiny@1", 64)
+    pairs = [("Correct the grammar.", "He go to school."),
+             ("Translate into French.", "The cat sits on the mat and looks at the garden for a long time.")]
+    Z = probe.encode([a for a, _ in pairs], [u for _, u in pairs])  # one padded batch of two
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for (app, user), z in zip(pairs, Z, strict=True):
+        text = chat_prompt(probe.tok, app, user)
+        assert text.rstrip().endswith("assistant") and user in text
+        ids = torch.tensor([probe.tok.encode(text, add_special_tokens=False)])
+        with torch.inference_mode():
+            want = full(input_ids=ids, output_hidden_states=True).hidden_states[1][0, -1].numpy()
+        np.testing.assert_allclose(z, want, rtol=1e-4, atol=1e-4)  # left padding changes nothing
+    assert not np.allclose(Z[0], Z[1])
+    assert len(probe.model.layers) == 1  # the deeper layer was dropped at load
+    with pytest.raises(ValueError, match="layer"):
+        PromptProbe(tiny_model_dir, "tiny", layer=3)
+
+
+def synthetic(n: int, rng: np.random.Generator, cap: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probe features whose first coordinate decides runaways (P = 0.85 above 0, 0.05 below) and
+    whose second scales the ended length (log-normal around 40 * exp(0.5 * z1), sigma 0.25)."""
+    Z = rng.normal(size=(n, 24)).astype(np.float32)
+    tokens = rng.integers(5, 60, n).astype(np.float32)
+    run = rng.random(n) < np.where(Z[:, 0] > 0, 0.85, 0.05)
+    ended = np.exp(np.log(40.0) + 0.5 * Z[:, 1] + rng.normal(0, 0.25, n))
+    y = np.where(run, cap, np.minimum(np.floor(ended), cap - 1))
+    return probe_rows(Z, tokens), y, np.full(n, float(cap))
+
+
+def probe_set(X: np.ndarray, y: np.ndarray, caps: np.ndarray) -> TrainingSet:
+    n = len(y)
+    feats = np.zeros((n, N_FEATURES), dtype=np.float32)
+    feats[:, -1] = X[:, -1]
+    return TrainingSet("e", 8, feats, y, ["a"] * n, max_tokens=caps, Z=X[:, :-1], probe="probe:m@1")
+
+
+def test_probe_mixture_learns_the_runaway_direction_and_calibrates(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    X, y, caps = synthetic(600, rng)
+    model = ProbeMixture.fit(probe_set(X, y, caps), MixtureParams(quantile=0.9))
+    assert model.form == "probe" and model.meta.probe == "probe:m@1"
+    Xt, yt, capt = synthetic(2000, rng)
+    point, high, p = model.predict_lengths(Xt, capt)
+    assert roc_auc_score(yt >= capt, p) > 0.85
+    assert 0.86 <= float((yt <= high + 1e-6).mean()) <= 0.94  # calibrated on the training rows
+    # censored rows only taught the classifier: the ended-length centre stays at 40 * exp(0.5 z1),
+    # also for rows that are likely runaways (a regressor on lengths would put them near the cap)
+    mu = np.exp(model.regressor.predict(model.design(Xt, capt)))
+    likely = p > 0.7
+    ratio = mu[likely] / (40.0 * np.exp(0.5 * Xt[likely, 1]))
+    assert 0.75 < float(np.median(ratio)) < 1.3
+    # asked with a higher cap, a likely runaway's point moves to the new cap (300 was a lower bound)
+    lifted, _, _ = model.predict_lengths(Xt[likely], np.full(int(likely.sum()), 1000.0))
+    assert np.median(lifted) == 1000
+    model.save(tmp_path / "p.joblib")
+    again = load_length_model(tmp_path / "p.joblib")
+    assert isinstance(again, ProbeMixture)
+    np.testing.assert_allclose(again.predict_lengths(Xt, capt)[0], point)
+
+
+def rows(n: int, seed: int) -> list[dict]:
+    """Requests of two applications; 'echo' answers run away (hit the cap), 'sum' answers end."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        app = ("Repeat the text forever.", "Summarize the text in one word.")[i % 2]
+        words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "river", "stone"], size=int(rng.integers(3, 12))))
+        out.append({"instruction": app, "input": words, "input_tokens": len(words.split()),
+                    "output_tokens": 64 if i % 2 == 0 else int(rng.integers(3, 8)), "max_tokens": 64, "id": str(i)})
+    return out
+
+
+def as_input(r: dict) -> PredictInput:
+    return PredictInput(r["instruction"], r["input"], r["input_tokens"], r["max_tokens"])
+
+
+def test_probe_form_learns_continually_and_refuses_another_probe(tiny_model_dir: str, embedder: Embedder,
+                                                                 tmp_path: Path) -> None:
+    def make(**kw: object) -> LengthPredictor:
+        base = {"form": "probe", "probe_model_dir": tiny_model_dir, "served_model": "tiny", "min_train": 20,
+                "model_path": str(tmp_path / "m.joblib"), "train_set_path": str(tmp_path / "t.npz")}
+        return LengthPredictor(PredictorConfig(**{**base, **kw}), embedder=embedder)  # type: ignore[arg-type]
+
+    pred = make(probe_layer=1)
+    data = rows(40, 0)
+    for r in data:
+        pred.observe(as_input(r), r["output_tokens"], None)
+    assert pred.retrain_if_due(0.0)
+    got = pred.predict([as_input(r) for r in rows(6, 1)])
+    assert {p.source for p in got} == {"probe"}
+    assert got[0].p_runaway > 0.5 > got[1].p_runaway  # the echo application runs away, the summary ends
+    train = TrainingSet.load(tmp_path / "t.npz")
+    assert train.probe == "probe:tiny@1" and train.Z.shape == (40, 64)
+    assert load_length_model(tmp_path / "m.joblib").meta.probe == "probe:tiny@1"
+    # another depth is another probe: the state dir's files are not used (and not read wrongly)
+    other = make(probe_layer=2)
+    assert not other.trained and str(tmp_path / "m.joblib") in other.discarded_state
+    assert other.stats()["train_size"] == 0
+    with pytest.raises(ModelMismatchError, match="probe"):
+        make(probe_layer=2, model_is_explicit=True)
+    with pytest.raises(ValueError, match="probe_model_dir"):
+        PredictorConfig(form="probe")
+
+
+def test_cli_trains_and_evaluates_the_probe_form_and_a_server_predicts_with_it(
+        tiny_model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], server_factory) -> None:
+    for name, seed in (("train", 0), ("test", 1)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows(40, seed))
+    assert cli_main(["predictor", "train", "--form", "probe", "--probe-model", tiny_model_dir,
+                     "--served-model", "tiny", "--from-jsonl", str(tmp_path / "train.jsonl"),
+                     "--out", str(tmp_path / "p.joblib")]) == 0
+    assert cli_main(["predictor", "eval", str(tmp_path / "test.jsonl"), "--model", str(tmp_path / "p.joblib"),
+                     "--probe-model", tiny_model_dir, "--json", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    assert "Best cheap baseline" in out
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["meta"]["probe"] == "probe:tiny@2"
+    assert report["runaways"]["auc"] > 0.9  # the echo application, told apart by its prompt
+    # a server on the same model predicts with the file (form probe: the front end probes prompts)
+    srv = server_factory(tiny_model_dir, policy="pcb", served_model_name="tiny", predictor_form="probe",
+                         predictor_model=tmp_path / "p.joblib")
+    client = OpenAI(base_url=srv.base_url + "/v1", api_key="x")
+    for r in rows(4, 2):
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny", max_tokens=64, messages=[{"role": "system", "content": r["instruction"]},
+                                                   {"role": "user", "content": r["input"]}])
+        assert raw.parse().choices[0].message.content is not None
+        assert int(raw.headers["x-magnus-predicted-tokens"]) >= 1
+    metrics = httpx.get(srv.base_url + "/metrics").text
+    by_source = dict(re.findall(r'^magnus_predictions_total\{source="(\w+)"\} (\S+)$', metrics, re.M))
+    assert by_source == {"probe": "4.0"}  # every request predicted by the probe model, none by a fallback
+    # another served model's name: the explicit file is refused at start, and /health says why
+    bad = start_server(tmp_path / "bad", tiny_model_dir, wait=False, policy="pcb", served_model_name="other",
+                       predictor_form="probe", predictor_model=tmp_path / "p.joblib")
+    try:
+        deadline, health = time.time() + 240, {}
+        while time.time() < deadline and health.get("status") != "error":
+            time.sleep(1)
+            try:
+                health = httpx.get(bad.base_url + "/health", timeout=2).json()
+            except httpx.HTTPError:
+                continue
+        assert health.get("status") == "error" and "learned for served model 'tiny'" in health["detail"]
+    finally:
+        bad.stop()
