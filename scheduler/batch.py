@@ -15,6 +15,14 @@ def new_batch_id() -> int:
     return next(_batch_ids)
 
 
+def continue_batch_ids_after(last: int) -> None:
+    """Make the next batch ids larger than ``last`` (a restarted server appending to a request log
+    that already holds batches up to ``last`` must not reuse, and so overwrite, their ids)."""
+    global _batch_ids
+    nxt = next(_batch_ids)
+    _batch_ids = itertools.count(max(nxt, last + 1))
+
+
 @dataclass
 class Batch:
     """A waiting or running static batch."""

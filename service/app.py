@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from scheduler.batch import continue_batch_ids_after
 from service import auth, errors, learners, limits
 from service.engine import Engine
 from service.metrics import Metrics
@@ -27,6 +28,7 @@ async def _load(state: AppState) -> None:
         state.info = await asyncio.to_thread(load_model_info, settings)
         state.metrics.set_model_name(state.info.name)  # the vllm:* series' model_name label
         state.request_log = RequestLog(settings.db_path)
+        continue_batch_ids_after(state.request_log.last_batch_id())  # a restart appends, never overwrites
         built = state.learners = await asyncio.to_thread(learners.build, settings, state.info)
         observe = built.observe if built.predictor is not None else None
         configs, factory, rw = worker_configs(settings, state.info), None, None

@@ -117,6 +117,10 @@ class RequestLog:
         self._thread = threading.Thread(target=self._run, name="magnus-requestlog", daemon=True)
         self._thread.start()
 
+    def last_batch_id(self) -> int:
+        """The largest batch id already in the log (0 when none): new batches continue after it."""
+        return int(self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM batches").fetchone()[0])
+
     def add(self, rec: RequestRecord | BatchRecord) -> None:
         self._q.put(rec)
 

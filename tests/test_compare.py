@@ -75,6 +75,10 @@ def test_compare_tiny_model(tiny_model_dir: str, tmp_path: Path) -> None:
     for metric in COMPARE_METRICS:
         assert_png(out / f"compare_t_{metric}.png")
 
+    # every rate ran on a fresh server (nothing learned at one rate carried to the next), one request log
+    for policy in ("vs", "magnus"):
+        logs = doc["servers"][policy]["log"]
+        assert len(logs) == len(rates) and len(set(logs)) == len(rates)
     # the predictive server ran on its own copy of the trained predictor, and used it
     assert (work / "magnus" / "predictor.joblib").exists() and not (work / "vs" / "predictor.joblib").exists()
     with sqlite3.connect(work / "magnus" / "log.db") as conn:

@@ -663,3 +663,24 @@ def test_graceful_shutdown_and_learners_survive_restart(tiny_model_dir: str, tmp
     finally:
         assert srv.stop() == 0
     assert _learned(tmp_path / "state") == (6, 6)  # continued from 4, not restarted from 0
+
+
+def test_a_restarted_server_appends_to_its_request_log(tiny_model_dir: str, tmp_path: Path) -> None:
+    # Batch ids restart with the process; a server restarted on the same log must continue after
+    # the ids there, or its batches overwrite the previous run's rows (and their token counts).
+    def one_request() -> None:
+        srv = start_server(tmp_path, tiny_model_dir, policy="vs", served_model_name="tiny", batch_size=1)
+        try:
+            client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x")
+            client.chat.completions.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        finally:
+            srv.stop()
+
+    one_request()
+    one_request()
+    with sqlite3.connect(tmp_path / "log.db") as conn:
+        batches = conn.execute("SELECT id, total_tokens FROM batches ORDER BY id").fetchall()
+        joined = conn.execute("SELECT COUNT(*) FROM requests r JOIN batches b ON r.batch_id = b.id "
+                              "WHERE r.status = 'ok'").fetchone()[0]
+    assert len(batches) == 2 and batches[0][0] < batches[1][0]
+    assert all(tokens > 0 for _, tokens in batches) and joined == 2

@@ -157,52 +157,56 @@ def predictor_form(policy: str, settings: dict[str, object]) -> str:
 
 
 def run_policy(policy: str, plan: Plan, workdir: Path, predictors: dict[str, Path]) -> tuple[list[Run], dict]:
-    """Start a server for ``policy`` (a name or a ``parse_variant`` spec), run every rate, stop it.
-    ``predictors``: a trained model file per predictor form (a predictive variant gets its form's).
-    Returns the runs and server facts."""
+    """Run every rate of ``plan`` against ``policy`` (a name or a ``parse_variant`` spec), each rate
+    on a fresh server started from the same state: the trained predictor file copied anew, no
+    learned state. A server that kept running would have learned the workload's requests (and
+    their lengths) at one rate before serving them again at the next. ``predictors``: a trained
+    model file per predictor form (a predictive variant gets its form's). Every rate's requests go
+    to one request log (``workdir/log.db``). Returns the runs and the server facts."""
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     name, own = parse_variant(policy)
     settings: dict[str, object] = {**plan.settings, **own, "policy": name}
     predictor = predictors.get(predictor_form(policy, plan.settings))
-    if predictor is not None and name in PREDICTIVE:
-        own = workdir / "predictor.joblib"
-        shutil.copyfile(predictor, own)
-        settings["predictor_model"] = own
-    server = start_server(workdir, plan.model, timeout=plan.startup_timeout, **settings)
     records: dict[float, tuple[list[RequestRecord], float]] = {}
-    facts: dict = {"workdir": str(workdir), "log": str(server.log_path)}
-    try:
-        async def go() -> None:
-            client = make_client(server.base_url, timeout=plan.timeout)
-            async with client:
-                served = await resolve_model(client, None)
-                facts["served_model"] = served
-                facts["warmup_errors"] = await warm_up(client, served, plan.requests, plan.warmup)
-                facts["health"] = await health(server)
-                for rate in plan.rates:
+    facts: dict = {"workdir": str(workdir), "log": []}
+    for rate in plan.rates:
+        shutil.rmtree(workdir / "state", ignore_errors=True)
+        if predictor is not None and name in PREDICTIVE:
+            shutil.copyfile(predictor, workdir / "predictor.joblib")  # retraining writes over it
+            settings["predictor_model"] = workdir / "predictor.joblib"
+        server = start_server(workdir, plan.model, timeout=plan.startup_timeout, **settings)
+        facts["log"].append(str(server.log_path))
+        try:
+            async def go(rate: float = rate, server: Server = server) -> None:
+                client = make_client(server.base_url, timeout=plan.timeout)
+                async with client:
+                    served = await resolve_model(client, None)
+                    facts["served_model"] = served
+                    facts["warmup_errors"] = await warm_up(client, served, plan.requests, plan.warmup)
+                    facts["health"] = await health(server)
                     await drain(server, plan.grace)
                     started = time.perf_counter()
                     recs = await load.run_load(client, served, plan.requests, plan.arrivals[rate], plan.duration,
                                                plan.progress, plan.grace, f"{policy} @ {rate:g} req/s")
                     records[rate] = (recs, time.perf_counter() - started)
-                    ok = sum(r.ok for r in recs)
-                    print(f"{policy} @ {rate:g} req/s: {ok}/{len(recs)} answered", file=sys.stderr)
-                facts["left_pending"] = await drain(server, plan.grace)
+                    print(f"{policy} @ {rate:g} req/s: {sum(r.ok for r in recs)}/{len(recs)} answered",
+                          file=sys.stderr)
+                    facts["left_pending"] = await drain(server, plan.grace)
 
-        asyncio.run(go())
-    finally:
-        server.stop()  # graceful: the request log is flushed and closed
+            asyncio.run(go())
+        finally:
+            server.stop()  # graceful: the request log is flushed and closed
     runs = []
     facts["records"] = {}
     for rate, (recs, wall) in records.items():
-        total = _batch_tokens(server.db_path, recs)
+        total = _batch_tokens(workdir / "log.db", recs)
         summary = load.summarize(recs, total, plan.slo)
         runs.append(Run(policy, rate, summary, wall, _error_examples(recs)))
         # the per-request records: what ``magnus simulate --replay`` re-runs in simulation
         path = workdir / f"records_{rate:g}.json"
-        doc = load.result_json({"policy": policy, "rate": rate, "log": str(server.db_path)}, summary, recs)
+        doc = load.result_json({"policy": policy, "rate": rate, "log": str(workdir / "log.db")}, summary, recs)
         path.write_text(json.dumps(doc) + "\n")
         facts["records"][f"{rate:g}"] = str(path)
     return runs, facts
@@ -317,6 +321,8 @@ def write_report(out_dir: Path, name: str, doc: dict, runs: Sequence[Run]) -> tu
         f"- bounds: sending stops after {stop}, "
         f"then at most {c['grace']:g} s grace; unanswered requests count as timeout errors",
         f"- length predictor for {', '.join(sorted(PREDICTIVE))}: {c['predictor']}",
+        "- every (policy, rate) on a fresh server started from the same state: the trained predictor "
+        "file, no learned state from another rate",
         f"- started {doc['started']}, took {doc['wall_s']:.0f} s",
     ]
     lines += [f"- policy {p} failed: {e}" for p, e in doc["failed"].items()]
