@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(DATA_DIR / "models", description="where converted GGUF weights are cached")
     device: str = Field("auto", description="auto | cpu | cuda")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: float32 on CPU, bfloat16 on CUDA")
-    quantize: Literal["none", "int8", "4bit"] = Field("none", description="weight quantization (VSQ uses int8 on CPU / 4bit on CUDA)")
+    quantize: Literal["none", "int8", "4bit"] = Field("none", description="weight quantization: int8 (CPU: torch's dynamic int8; CUDA: bitsandbytes 8-bit) or 4bit (CUDA: bitsandbytes 4-bit); VSQ uses int8 on CPU / 4bit on CUDA")
     max_model_len: int | None = Field(None, description="context window (default: from the model config)")
     default_max_tokens: int = Field(512, description="max_tokens when a chat request gives none (capped by the context)")
     num_workers: int = Field(0, description="worker processes (0: one per CUDA device, else 1 on CPU)")

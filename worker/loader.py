@@ -116,24 +116,27 @@ def load_tokenizer(local_dir: str):
 
 
 def load_model(local_dir: str, device: str, dtype, quantize: str = "none", attn: str = "sdpa"):
-    """Load the causal LM on ``device``. ``quantize``: none | int8 (CPU dynamic) | 4bit (CUDA)."""
+    """Load the causal LM on ``device``. ``quantize``: none | int8 (CPU: torch's dynamic int8; CUDA:
+    bitsandbytes 8-bit) | 4bit (CUDA: bitsandbytes 4-bit)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": dtype, "attn_implementation": attn}
-    if quantize == "4bit":
-        if not device.startswith("cuda"):
-            raise ValueError("4-bit quantization needs CUDA (bitsandbytes); use int8 on CPU")
+    if quantize in ("4bit", "int8") and device.startswith("cuda"):
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+        kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+                                         if quantize == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
         kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(local_dir, **kwargs)
+    elif quantize == "4bit":
+        raise ValueError("4-bit quantization needs CUDA (bitsandbytes); use int8 on CPU")
     else:
         model = AutoModelForCausalLM.from_pretrained(local_dir, **kwargs).to(device)
         if quantize == "int8":
             if device != "cpu":
-                raise ValueError("int8 dynamic quantization is CPU-only; use 4bit on CUDA")
+                raise ValueError(f"int8 quantization runs on CPU (torch's dynamic int8) or CUDA (bitsandbytes), "
+                                 f"not on {device}")
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     model.eval()
     return model
