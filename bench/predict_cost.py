@@ -27,7 +27,8 @@ from predictor.embedder import Embedder
 from predictor.features import FeatureExtractor
 from predictor.forest import ForestParams, LengthForest
 from predictor.mixture import load_length_model
-from predictor.probe_mixture import probe_rows
+from predictor.probe import layer_of
+from predictor.probe_mixture import probe_inputs
 from predictor.repredict import HeadRow
 from predictor.trainset import TrainingSet
 
@@ -103,7 +104,7 @@ def main() -> int:
 
             probe_cfg = {"form": "probe", "served_model": meta.served_model,
                          "probe_model_dir": materialize(resolve(args.probe_model), Settings().cache_dir),
-                         "probe_layer": int(meta.probe.rsplit("@", 1)[1]), "embed_threads": args.threads}
+                         "probe_layer": layer_of(meta.probe), "embed_threads": args.threads}
         pred = LengthPredictor(PredictorConfig(embedder=args.embedder, model_path=model, **probe_cfg),
                                embedder=embedder)
         cold = LengthPredictor(PredictorConfig(embedder=args.embedder), embedder=embedder)
@@ -115,8 +116,8 @@ def main() -> int:
 
     def features(batch: list[PredictInput]) -> np.ndarray:
         if probe is not None:
-            return probe_rows(probe.encode([i.app_text for i in batch], [i.user_text for i in batch]),
-                              np.array([i.input_tokens for i in batch]))
+            return probe_inputs(probe, [i.app_text for i in batch], [i.user_text for i in batch],
+                                [i.input_tokens for i in batch])
         return fx.transform([i.app_text for i in batch], [i.user_text for i in batch],
                             [i.input_tokens for i in batch])
 

@@ -22,8 +22,8 @@ from predictor.evaluate import evaluate_groups, finalize, repredict_report, yard
 from predictor.features import FeatureExtractor
 from predictor.forest import TARGETS, ForestParams, LengthForest
 from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
-from predictor.probe import PromptProbe
-from predictor.probe_mixture import ProbeMixture, probe_rows
+from predictor.probe import PromptProbe, layer_of
+from predictor.probe_mixture import ProbeMixture, probe_inputs
 from predictor.repredict import HeadRow, fit_from_training_set
 from predictor.trainset import TrainingSet
 
@@ -123,8 +123,8 @@ def _model_rows(model: Any, rows: Sequence[Row], embedder: Embedder, probe: Prom
     """What ``model.predict_lengths`` reads for ``rows``: probe rows for a probe model, else features."""
     if model.form == "probe":
         assert probe is not None
-        Z = probe.encode([r.app_text for r in rows], [r.user_text for r in rows])
-        return probe_rows(Z, np.array([r.input_tokens for r in rows]))
+        return probe_inputs(probe, [r.app_text for r in rows], [r.user_text for r in rows],
+                            [r.input_tokens for r in rows])
     return _featurize(rows, embedder)
 
 
@@ -248,7 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     quantile = args.quantile if args.quantile is not None else forest.quantile
     probe = None
     if forest.form == "probe":
-        probe = _probe(args, forest.meta.served_model, args.probe_layer or int(forest.meta.probe.rsplit("@", 1)[1]))
+        probe = _probe(args, forest.meta.served_model, args.probe_layer or layer_of(forest.meta.probe))
         if probe.name != forest.meta.probe:
             print(f"the model reads the probe {forest.meta.probe!r}, not {probe.name!r}", file=sys.stderr)
             return 2

@@ -19,7 +19,7 @@ from predictor.features import FeatureExtractor
 from predictor.forest import ForestParams, LengthForest
 from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
 from predictor.probe import PromptProbe
-from predictor.probe_mixture import ProbeMixture, probe_rows
+from predictor.probe_mixture import ProbeMixture, probe_inputs
 from predictor.repredict import MIN_HEAD_ROWS, HeadRow, fit_from_training_set
 from predictor.trainset import ModelMismatchError, TrainingSet
 from predictor.types import PredictInput, Prediction
@@ -79,9 +79,8 @@ class PredictorConfig:
         """A model of the configured form fitted on ``train`` (blocking)."""
         if self.form == "paper":
             return LengthForest.fit(train, self.forest_params())
-        if self.form == "probe":
-            return ProbeMixture.fit(train, MixtureParams(quantile=self.quantile, seed=self.seed, n_jobs=self.n_jobs))
-        return RunawayMixture.fit(train, MixtureParams(quantile=self.quantile, seed=self.seed, n_jobs=self.n_jobs))
+        form = ProbeMixture if self.form == "probe" else RunawayMixture
+        return form.fit(train, MixtureParams(quantile=self.quantile, seed=self.seed, n_jobs=self.n_jobs))
 
     def forest_params(self) -> ForestParams:
         return ForestParams(n_estimators=self.n_estimators, max_depth=self.max_depth,
@@ -256,7 +255,7 @@ class LengthPredictor:
         tokens = [it.input_tokens for it in items]
         if model.form == "probe":
             assert self.probe is not None  # a probe model is only kept with its probe
-            X = probe_rows(self.probe.encode(apps, users), np.array(tokens))
+            X = probe_inputs(self.probe, apps, users, tokens)
         else:
             X = self._features.transform(apps, users, tokens)
         caps = np.array([it.max_tokens for it in items], dtype=np.float64)

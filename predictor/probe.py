@@ -25,6 +25,11 @@ def default_layer(num_layers: int) -> int:
     return max(1, min(num_layers, num_layers // 2 + 1))
 
 
+def layer_of(probe_name: str) -> int:
+    """The depth a probe name (``PromptProbe.name``, ``probe:<served model>@<layer>``) records."""
+    return int(probe_name.rsplit("@", 1)[1])
+
+
 def chat_prompt(tokenizer: Any, app_text: str, user_text: str) -> str:
     """The prompt text a chat request of (system = ``app_text``, user = ``user_text``) feeds the model."""
     messages = [{"role": "system", "content": app_text}, {"role": "user", "content": user_text}]

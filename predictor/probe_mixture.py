@@ -12,6 +12,8 @@ that calibrate the high level (and train the re-predictor) are 5-fold cross-vali
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression, RidgeCV
@@ -20,6 +22,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from predictor.mixture import MixtureParams, RunawayMixture, ended_rows
+from predictor.probe import PromptProbe
 from predictor.trainset import TrainingSet
 
 _CS = np.logspace(-4, 0, 9)  # inverse penalties tried for the runaway classifier
@@ -30,6 +33,12 @@ def probe_rows(Z: np.ndarray, input_tokens: np.ndarray) -> np.ndarray:
     """What a probe model's ``predict_lengths`` takes as ``X``: probe features and input length."""
     return np.hstack([np.asarray(Z, dtype=np.float32),
                       np.asarray(input_tokens, dtype=np.float32).reshape(-1, 1)])
+
+
+def probe_inputs(probe: PromptProbe, app_texts: Sequence[str], user_texts: Sequence[str],
+                 input_tokens: Sequence[int]) -> np.ndarray:
+    """Probe the requests' prompts: the rows a probe model's ``predict_lengths`` reads."""
+    return probe_rows(probe.encode(app_texts, user_texts), np.asarray(input_tokens))
 
 
 class ProbeMixture(RunawayMixture):
