@@ -20,7 +20,8 @@ from predictor.forest import ForestParams, LengthForest
 from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
 from predictor.probe import PromptProbe
 from predictor.probe_mixture import ProbeMixture, probe_inputs
-from predictor.repredict import MIN_HEAD_ROWS, HeadRow, fit_from_training_set
+from predictor.refit import Refitter
+from predictor.repredict import MIN_HEAD_ROWS, HeadRow
 from predictor.trainset import ModelMismatchError, TrainingSet
 from predictor.types import PredictInput, Prediction
 
@@ -61,6 +62,7 @@ class PredictorConfig:
     n_jobs: int = 1  # forest threads (fit and predict)
     app_cache_size: int = 1024  # LRU entries for application-text embeddings
     served_model: str | None = None  # the served LLM; learned state for another one is not reused
+    retrain_in_subprocess: bool = False  # fit in a spawned child at nice 19 (the server), not on a thread
 
     def __post_init__(self) -> None:
         if self.retrain_interval_s <= 0:
@@ -129,8 +131,9 @@ class LengthPredictor:
 
     Thread-safe. ``predict`` blocks (embedding) and belongs on a worker thread; ``observe`` is
     cheap (it only queues the request; embedding happens at retraining). Retraining builds a
-    new forest outside every lock that ``predict`` takes and swaps one reference; the only
-    wait ``predict`` can see is the embedder running one chunk (32 texts) of retraining data.
+    new forest outside every lock that ``predict`` takes (in a child process at the lowest CPU
+    priority with ``cfg.retrain_in_subprocess``: ``predictor.refit``) and swaps one reference;
+    the only wait ``predict`` can see is the embedder running one chunk (32 texts) of retraining data.
     """
 
     def __init__(self, cfg: PredictorConfig, embedder: Embedder | None = None) -> None:
@@ -151,6 +154,7 @@ class LengthPredictor:
                                      threads=cfg.embed_threads)
         self._lock = threading.Lock()  # guards the state below; never held while embedding/fitting
         self._retrain_lock = threading.Lock()  # one retrain (or final persist) at a time
+        self._refitter = Refitter(in_process=not cfg.retrain_in_subprocess)
         self.discarded_state: list[str] = []  # files skipped: learned for another served model
         self._model: LengthModel | None = None
         if cfg.model_path and Path(cfg.model_path).exists():
@@ -182,7 +186,7 @@ class LengthPredictor:
         self._recent: deque[tuple[float, bool, bool]] = deque(maxlen=_RECENT)  # (abs error, flagged, ran away)
         self._abs_err_sum = 0.0
         self._abs_err_n = 0
-        self._last_retrain_s = 0.0
+        self._last_retrain_s = -1.0  # none yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -374,14 +378,11 @@ class LengthPredictor:
                     self._persist()
                     return False
                 started = time.perf_counter()
-                forest = self.cfg.fit(train)
                 old = self._model.repredictor if self._model is not None else None
-                oob = getattr(forest, "oob", None)
                 # learn it again once the rows with first tokens are enough, and no fewer than the
                 # one there is was fitted on (an offline re-predictor is not replaced by a smaller one)
                 need = max(MIN_HEAD_ROWS, old.train_rows if old is not None else 0)
-                fresh = None if oob is None else fit_from_training_set(train, oob, self.cfg.quantile, self.cfg.seed,
-                                                                       min_rows=need)
+                forest, fresh = self._refitter.fit(self.cfg, train, need)
                 with self._lock:
                     forest.repredictor = fresh if fresh is not None else old
                     self._model = forest
@@ -436,6 +437,7 @@ class LengthPredictor:
         with self._retrain_lock:
             self._absorb_pending()
             self._persist()
+            self._refitter.close()
 
     @property
     def trained(self) -> bool:

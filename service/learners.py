@@ -179,6 +179,7 @@ def _predictor(settings: Settings, served_model: str, model_dir: str):
         probe_model_dir=model_dir,
         probe_layer=settings.predictor_probe_layer,
         embed_threads=1,  # the embedder shares the CPU with the workers; one thread is faster there
+        retrain_in_subprocess=True,  # the fit must not take the workers' CPU or the event loop's GIL
     )
     return LengthPredictor(cfg)
 

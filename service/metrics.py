@@ -6,7 +6,7 @@ Both names are fed by the same calls (``request_finished``, ``tokens_arrived``, 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 _LAT = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320)
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5, 10)
@@ -51,6 +51,7 @@ class Metrics:
 
     def __init__(self, model_name: str | None = None) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # the front end's process_cpu_seconds_total, memory, open files
         self.model_name: str | None = None
         self.requests = Counter("magnus_requests", "finished requests by status", ["status"], registry=r)
         self.latency = Histogram("magnus_request_latency_seconds", "end-to-end latency", buckets=_LAT, registry=r)
@@ -175,7 +176,8 @@ class Metrics:
                                                            "the share that did (-1: none predicted)"),
                              ("rolling_runaway_recall", "of the last 200 that ran away, the share predicted "
                                                         "(-1: none ran away)"),
-                             ("repredictions", "running requests re-predicted from their first tokens")):
+                             ("repredictions", "running requests re-predicted from their first tokens"),
+                             ("last_retrain_s", "seconds the last retraining's fit took (-1: none yet)")):
                 g = Gauge(f"magnus_predictor_{key}", doc, registry=self.registry)
                 g.set_function(lambda k=key: float(predictor_stats().get(k, -1.0)))
         if estimator is not None:

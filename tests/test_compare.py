@@ -68,10 +68,14 @@ def test_compare_tiny_model(tiny_model_dir: str, tmp_path: Path) -> None:
         assert row["sent"] == n and row["completed"] == n and row["errors"] == 0, row
         assert row["request_throughput"] > 0 and row["mean_response_time"] > 0
         assert row["total_token_throughput"] >= row["valid_token_throughput"] > 0
+        # the server's own counters over the run: its front end worked, and only magnus predicts
+        assert row["server"]["front_end_cpu_s"] > 0 and row["server"]["preemptions"] == 0, row["server"]
+        assert ("predictor_retrains" in row["server"]) == (row["policy"] == "magnus"), row["server"]
     assert doc["machine"]["cpu_count"] >= 1 and doc["config"]["n"] == n
 
     md = (out / "compare_t.md").read_text()
     assert "magnus bench compare --policies vs,magnus" in md and "| 4 | magnus | 4 / 4 |" in md
+    assert "| 4 | vs | " in md.split("front-end CPU (s)")[1]  # the server-side table
     for metric in COMPARE_METRICS:
         assert_png(out / f"compare_t_{metric}.png")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -450,3 +451,28 @@ def test_the_re_predictor_learns_from_the_first_tokens_of_served_requests(embedd
         few.observe(to_input(r), 256 if i % 3 == 0 else 80, None, [1, 2, 3] * 20)
     assert few.retrain_if_due(0.0)
     assert load_length_model(tmp_path / "f.joblib").repredictor is None
+
+
+def test_retraining_in_a_lowest_priority_child_process(embedder: Embedder) -> None:
+    """The server's retrain runs in a spawned child at nice 19 and yields the same model as a
+    retrain on the caller's thread (same rows, same seed)."""
+    rows = make_rows(30, seed=4)
+    probe = [to_input(r) for r in make_rows(6, seed=11)]
+    results = []
+    for in_child in (False, True):
+        pred = LengthPredictor(cfg(retrain_in_subprocess=in_child), embedder=embedder)
+        for r in rows:
+            pred.observe(to_input(r), r["output_tokens"], None)
+        assert pred.retrain_if_due(0.0) is True
+        results.append(pred.predict(probe))
+        refitter = pred._refitter
+        if in_child:
+            pool = refitter._pool
+            assert pool is not None
+            assert pool.submit(os.nice, 0).result() == 19  # the child's priority
+            assert pool.submit(os.getpid).result() != os.getpid()
+        else:
+            assert refitter._pool is None
+        pred.stop()
+        assert refitter._pool is None  # stop ends the child
+    assert results[0] == results[1]

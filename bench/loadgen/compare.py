@@ -58,6 +58,7 @@ class Run:
     summary: Summary
     wall_s: float  # seconds the run took, warm-up and drain excluded
     error_examples: dict[str, str] = field(default_factory=dict)  # status -> first message
+    server: dict[str, float] = field(default_factory=dict)  # ``SERVER_COUNTERS`` over the run (from /metrics)
 
     def row(self) -> dict:
         """Flat metrics, as ``bench.plots.plot_metrics`` takes them."""
@@ -105,6 +106,34 @@ async def drain(server: Server, timeout: float) -> int:
         if pending == 0 or time.time() >= deadline:
             return pending
         await asyncio.sleep(0.2)
+
+
+#: What the server's ``/metrics`` says about a run (each: the change from before its first request
+#: to after its drain): the front end's CPU time (the process that predicts lengths and schedules,
+#: sharing the machine with the workers), preemptions, re-predictions and predictor retrains.
+SERVER_COUNTERS = {"front_end_cpu_s": "process_cpu_seconds_total", "preemptions": "magnus_preemptions_total",
+                   "repredictions": "magnus_predictor_repredictions", "predictor_retrains": "magnus_predictor_retrains"}
+
+
+async def scrape(server: Server) -> dict[str, float]:
+    """The server's ``/metrics`` samples, summed over labels by sample name ({} when unreachable)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(timeout=5) as http:
+        try:
+            text = (await http.get(server.base_url + "/metrics")).text
+        except httpx.HTTPError:
+            return {}
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
+def counters_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """``SERVER_COUNTERS`` that the server exposes, as their change between two scrapes."""
+    return {key: after[name] - before.get(name, 0.0) for key, name in SERVER_COUNTERS.items() if name in after}
 
 
 def _error_examples(records: Sequence[RequestRecord]) -> dict[str, str]:
@@ -187,23 +216,25 @@ def run_policy(policy: str, plan: Plan, workdir: Path, predictors: dict[str, Pat
                     facts["warmup_errors"] = await warm_up(client, served, plan.requests, plan.warmup)
                     facts["health"] = await health(server)
                     await drain(server, plan.grace)
+                    before = await scrape(server)
                     started = time.perf_counter()
                     recs = await load.run_load(client, served, plan.requests, plan.arrivals[rate], plan.duration,
                                                plan.progress, plan.grace, f"{policy} @ {rate:g} req/s")
-                    records[rate] = (recs, time.perf_counter() - started)
+                    wall = time.perf_counter() - started
                     print(f"{policy} @ {rate:g} req/s: {sum(r.ok for r in recs)}/{len(recs)} answered",
                           file=sys.stderr)
                     facts["left_pending"] = await drain(server, plan.grace)
+                    records[rate] = (recs, wall, counters_between(before, await scrape(server)))
 
             asyncio.run(go())
         finally:
             server.stop()  # graceful: the request log is flushed and closed
     runs = []
     facts["records"] = {}
-    for rate, (recs, wall) in records.items():
+    for rate, (recs, wall, counters) in records.items():
         total = _batch_tokens(workdir / "log.db", recs)
         summary = load.summarize(recs, total, plan.slo)
-        runs.append(Run(policy, rate, summary, wall, _error_examples(recs)))
+        runs.append(Run(policy, rate, summary, wall, _error_examples(recs), counters))
         # the per-request records: what ``magnus simulate --replay`` re-runs in simulation
         path = workdir / f"records_{rate:g}.json"
         doc = load.result_json({"policy": policy, "rate": rate, "log": str(workdir / "log.db")}, summary, recs)
@@ -270,6 +301,18 @@ def comparison_table(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
+def server_table(runs: Sequence[Run]) -> str:
+    """Markdown: ``SERVER_COUNTERS`` per run ("-": the server does not expose it, e.g. no predictor)."""
+    order = {p: i for i, p in enumerate(dict.fromkeys(r.policy for r in runs))}
+    lines = ["| rate (req/s) | policy | front-end CPU (s) | preemptions | re-predictions | predictor retrains |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in sorted(runs, key=lambda r: (r.rate, order[r.policy])):
+        cells = [("-" if key not in r.server else f"{r.server[key]:.{1 if key == 'front_end_cpu_s' else 0}f}")
+                 for key in SERVER_COUNTERS]
+        lines.append(f"| {r.rate:g} | {r.policy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def machine_info() -> dict:
     """CPU count, torch threads and device, load average: what the numbers were measured on."""
     import torch
@@ -327,6 +370,9 @@ def write_report(out_dir: Path, name: str, doc: dict, runs: Sequence[Run]) -> tu
     ]
     lines += [f"- policy {p} failed: {e}" for p, e in doc["failed"].items()]
     lines += ["", comparison_table(runs), ""]
+    if any(r.server for r in runs):
+        lines += ["Server side, over each run (from its `/metrics`, before the first request to after the drain):",
+                  "", server_table(runs), ""]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in doc["plots"]]
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
@@ -446,8 +492,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     doc = {
         "config": config, "machine": machine_info(), "started": started_at,
         "wall_s": time.perf_counter() - t0, "servers": servers, "failed": failed,
-        "runs": [{**r.row(), "wall_s": r.wall_s, "summary": asdict(r.summary), "error_examples": r.error_examples}
-                 for r in runs],
+        "runs": [{**r.row(), "wall_s": r.wall_s, "summary": asdict(r.summary), "error_examples": r.error_examples,
+                  "server": r.server} for r in runs],
         "plots": [str(p) for p in plots],
     }
     json_path, md_path = write_report(args.out_dir, args.name, doc, runs)
