@@ -1,11 +1,13 @@
 """Retraining away from the serving process: one spawned child process at the lowest CPU priority.
 
 A retrain (the arrival model with its cross-validated penalties and calibration, then the
-re-predictor) takes 4-11 s of CPU on the 2-core test machine. Run on a thread of the server it
-took that CPU from the model's workers at their priority and held the GIL for long stretches:
-in the 0.5 req/s grid run every stream stalled 3.6 s at the retrain, and pcb's decode steps
-were 15-25% slower than its control's at the same number of running rows. In a child process
-at ``nice 19`` it only uses CPU the workers leave idle, and never blocks the event loop.
+re-predictor) takes 4-11 s on the 2-core test machine. On a thread of the server it competed with
+the model's workers at their priority and could hold the GIL for long stretches: in pcb's 0.5 req/s
+grid run every stream stalled 3.6 s at once, about when its first retrain was due. Measured with ``python -m bench.interference``
+(``bench/results/interference_busy_cpu.md``): one CPU-bound thread beside a decoding worker makes
+its steps 3.44x slower at normal priority, 0.96x at ``nice 19`` (1.22x in
+``interference_cpu.md``). In a child at ``nice 19`` a retrain takes longer (60-104 s under load
+in ``compare_pcb_refit_cpu``) but barely slows decoding, and never blocks the event loop.
 """
 
 from __future__ import annotations

@@ -1,0 +1,147 @@
+"""Decode step time with a CPU neighbour: what the front end's work costs the model's worker.
+
+    python -m bench.interference [--model default] [--rows 16] [--steps 96] [--out FILE.md]
+
+A worker decodes ``--rows`` rows (greedy, KV cache, ``--prompt-len`` random prompt tokens) for
+``--steps`` steps in this process, with torch's default threads (as a server's worker), while
+one neighbour process runs beside it:
+
+* ``none``: nothing;
+* ``embed@R``: the length predictor's embedder (the bundled sentence model, one torch thread, as
+  the server's front end) embeds one request's texts at R arrivals per second (Poisson);
+* ``busy``: one thread of CPU-bound numpy work, as a retraining child at normal priority;
+* ``busy-nice19``: the same at ``nice 19``.
+
+The conditions run in turn, twice (ABC ABC), and the table reports each one's median and mean
+step time and the ratio to ``none``, so a slowdown is read within one run on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+TEXT = ("Translate the following English text into French. The committee will meet next week to "
+        "review the budget and decide which projects to fund in the coming year.")
+
+
+def _embed_loop(rate: float, stop, ready) -> None:
+    import numpy as np
+
+    from predictor.embedder import get_embedder
+
+    emb = get_embedder("default", threads=1)
+    emb.encode([TEXT])
+    ready.set()
+    rng = np.random.default_rng(0)
+    k = 0
+    while not stop.is_set():
+        time.sleep(float(rng.exponential(1.0 / rate)))
+        emb.encode([f"{TEXT} {k}"])  # a new text each time: no cache
+        k += 1
+
+
+def _busy_loop(niceness: int, stop, ready) -> None:
+    os.nice(niceness)
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    a = np.random.default_rng(0).random((256, 256))
+    ready.set()
+    with threadpool_limits(1):
+        while not stop.is_set():
+            a = np.tanh(a @ a.T / 256.0)
+
+
+def neighbour(kind: str):
+    """A started neighbour process (None for ``none``) and its stop event."""
+    if kind == "none":
+        return None, None
+    ctx = mp.get_context("spawn")
+    stop, ready = ctx.Event(), ctx.Event()
+    if kind.startswith("embed@"):
+        p = ctx.Process(target=_embed_loop, args=(float(kind.split("@")[1]), stop, ready), daemon=True)
+    elif kind in ("busy", "busy-nice19"):
+        p = ctx.Process(target=_busy_loop, args=(19 if kind.endswith("19") else 0, stop, ready), daemon=True)
+    else:
+        raise ValueError(f"unknown neighbour {kind!r}")
+    p.start()
+    ready.wait(120)
+    time.sleep(1.0)
+    return p, stop
+
+
+def decode_steps(model, rows: int, prompt_len: int, steps: int, vocab: int) -> list[float]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (rows, prompt_len), generator=g)
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.interference", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=96)
+    p.add_argument("--neighbours", default="none,embed@0.5,embed@2,busy-nice19")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from service.settings import Settings
+    from worker.loader import load_model, materialize, resolve
+
+    model = load_model(materialize(resolve(args.model), Settings().cache_dir), "cpu", torch.float32)
+    vocab = int(model.config.vocab_size)
+    kinds = [k.strip() for k in args.neighbours.split(",") if k.strip()]
+    decode_steps(model, args.rows, args.prompt_len, 8, vocab)  # warm-up
+    results: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(args.repeats):
+        for kind in kinds:
+            proc, stop = neighbour(kind)
+            try:
+                results[kind] += decode_steps(model, args.rows, args.prompt_len, args.steps, vocab)
+            finally:
+                if proc is not None:
+                    stop.set()
+                    proc.join(30)
+    base = statistics.median(results[kinds[0]])
+    lines = [
+        "# Decode step time with a CPU neighbour", "", "```", "python -m bench.interference "
+        + " ".join(sys.argv[1:] if argv is None else argv), "```", "",
+        f"- model `{args.model}`, {args.rows} rows, prompt {args.prompt_len} tokens, {args.steps} steps per pass, "
+        f"{args.repeats} passes per condition (in turn), torch threads {torch.get_num_threads()}, "
+        f"{os.cpu_count()} CPUs, 1-min load average at the end {os.getloadavg()[0]:.2f}", "",
+        f"| neighbour | median step (ms) | mean step (ms) | median vs `{kinds[0]}` |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for kind in kinds:
+        med = statistics.median(results[kind])
+        lines.append(f"| {kind} | {med * 1e3:.1f} | {statistics.fmean(results[kind]) * 1e3:.1f} | {med / base:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
