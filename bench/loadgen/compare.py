@@ -277,17 +277,22 @@ def _f(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def in_table_order(runs: Sequence[Run]) -> list[Run]:
+    """Rates ascending, policies in run order: the row order of every table here."""
+    order = {p: i for i, p in enumerate(dict.fromkeys(r.policy for r in runs))}
+    return sorted(runs, key=lambda r: (r.rate, order[r.policy]))
+
+
 def comparison_table(runs: Sequence[Run]) -> str:
     """Markdown: one row per (rate, policy), rates ascending, policies in run order. "mean E2E" is
     over the answered requests (as ``vllm bench serve``); "with unanswered" also counts each
     timed-out request at the time it waited, a lower bound that does not flatter a policy that
     leaves requests unanswered."""
-    order = {p: i for i, p in enumerate(dict.fromkeys(r.policy for r in runs))}
     head = ("| rate (req/s) | policy | answered / sent | errors | throughput (req/s) | goodput (req/s) "
             "| mean E2E (s) | p50 E2E | p90 E2E | p99 E2E | mean E2E with unanswered (>=) | shorter half mean E2E "
             "| mean TTFT (s) | p90 TTFT | mean TPOT (s) | mean ITL (s) | output tok/s | total tok/s |")
     lines = [head, "| ---: | --- |" + " ---: |" * 16]
-    for r in sorted(runs, key=lambda r: (r.rate, order[r.policy])):
+    for r in in_table_order(runs):
         s, rt, ttft = r.summary, r.summary.response_time, r.summary.ttft
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(s.errors.items())) or "0"
         lines.append(
@@ -303,10 +308,9 @@ def comparison_table(runs: Sequence[Run]) -> str:
 
 def server_table(runs: Sequence[Run]) -> str:
     """Markdown: ``SERVER_COUNTERS`` per run ("-": the server does not expose it, e.g. no predictor)."""
-    order = {p: i for i, p in enumerate(dict.fromkeys(r.policy for r in runs))}
     lines = ["| rate (req/s) | policy | front-end CPU (s) | preemptions | re-predictions | predictor retrains |",
              "| ---: | --- | ---: | ---: | ---: | ---: |"]
-    for r in sorted(runs, key=lambda r: (r.rate, order[r.policy])):
+    for r in in_table_order(runs):
         cells = [("-" if key not in r.server else f"{r.server[key]:.{1 if key == 'front_end_cpu_s' else 0}f}")
                  for key in SERVER_COUNTERS]
         lines.append(f"| {r.rate:g} | {r.policy} | " + " | ".join(cells) + " |")
