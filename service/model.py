@@ -96,7 +96,7 @@ def worker_configs(settings: Settings, info: ModelInfo) -> list[WorkerConfig]:
         WorkerConfig(model_dir=info.local_dir, device=d, dtype=settings.dtype, quantize=quant,
                      threads=settings.worker_threads, mem_cap_bytes=settings.mem_cap_bytes,
                      oom_every=settings.oom_every, step_delay_s=settings.step_delay_s,
-                     early_exit=settings.batch_exit == "early",
+                     early_exit=settings.batch_exit == "early", kv_headroom=settings.kv_headroom,
                      mode=worker_mode(policy.runner, settings.continuous_runner))
         for d in devices
     ]

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     ray_max_workers: int = Field(0, description="most Ray workers (0: as many as the cluster's resources hold, growing as nodes join)")
     ray_scale_interval_s: float = Field(10.0, description="how often the cluster is checked for room for more Ray workers")
     worker_threads: int = Field(0, description="torch threads per CPU worker (0: torch default)")
+    kv_headroom: int = Field(64, ge=0, description="spare KV-cache columns per layer that decode steps write in place (our runners); 0: transformers' cache, which copies the whole cache every step")
     # scheduling
     policy: Literal["vs", "vsq", "ccb", "pcb", "glp", "abp", "magnus"] = Field("magnus", description="batching policy")
     batch_size: int = Field(8, description="fixed batch size (vs, vsq, glp) / sanity cap")

@@ -4,7 +4,7 @@ Why not transformers' continuous batching manager (the CCB runner, ``worker/cont
 takes one generation config for every request (no per-request temperature, top_p or seed), it
 has no way to hand a running request back to the scheduler with its tokens (preemption), and on
 this CPU it decodes at about a third of the static runner's speed. This runner keeps the static
-runner's hot path (one left-padded ``DynamicCache``, vectorised seeded sampling, incremental
+runner's hot path (one left-padded cache growing in place, ``worker.kvcache``, vectorised seeded sampling, incremental
 detokenization) and adds:
 
 * **join**: requests that arrive are prefilled together (prompt plus, for a resumed request, the
@@ -44,6 +44,7 @@ from scheduler.contract import (
     WorkBatch,
     WorkItem,
 )
+from worker.kvcache import grow_in_place
 from worker.loops import is_looping
 from worker.runner import InjectedOOM, is_oom
 from worker.sampling import sample
@@ -89,6 +90,7 @@ class IterationRunner:
         mem_cap_bytes: int | None = None,
         step_delay_s: float = 0.0,
         progress_every: int = 8,
+        kv_headroom: int = 64,
     ) -> None:
         self.model = model
         self.tok = tokenizer
@@ -98,6 +100,7 @@ class IterationRunner:
         self.mem_cap = mem_cap_bytes  # fault injection: KV cache cap below the real memory
         self.step_delay_s = step_delay_s
         self.progress_every = progress_every
+        self.kv_headroom = kv_headroom  # spare cache columns per layer (worker.kvcache); 0: transformers' cat
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
         params = inspect.signature(model.forward).parameters
@@ -191,7 +194,8 @@ class IterationRunner:
         next_ids, lps = sample(out.logits[:, -1, :], [r.text for r in new], [r.gen for r in new])
         pos = torch.tensor([len(s) for s in seqs], dtype=torch.long, device=self.device)
         if self.cache is None:
-            self.cache, self.mask, self.pos, self.next_ids = out.past_key_values, mask, pos, next_ids
+            self.cache = grow_in_place(out.past_key_values, self.kv_headroom)
+            self.mask, self.pos, self.next_ids = mask, pos, next_ids
         else:
             total = max(self.mask.shape[1], length)
             for a, b in zip(self.cache.layers, out.past_key_values.layers, strict=True):

@@ -31,6 +31,7 @@ class WorkerConfig:
     mem_cap_bytes: int | None = None  # fault injection: KV cache cap below the real memory
     oom_every: int = 0  # fault injection: every Nth multi-request batch runs out of memory
     step_delay_s: float = 0.0  # fault injection: sleep after every decode step (a slow device)
+    kv_headroom: int = 64  # spare KV-cache columns per layer, written in place (0: transformers' concatenation)
     early_exit: bool = True  # static batches: a row leaves the batch the step it ends (False: the paper's literal mode)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -69,10 +70,11 @@ def _main(conn, cfg: WorkerConfig) -> None:
         elif cfg.mode == "iteration":
             from worker.iteration import IterationRunner
 
-            runner = IterationRunner(model, tok, cfg.device, send, delta, cfg.mem_cap_bytes, cfg.step_delay_s)
+            runner = IterationRunner(model, tok, cfg.device, send, delta, cfg.mem_cap_bytes, cfg.step_delay_s,
+                                     kv_headroom=cfg.kv_headroom)
         else:
             runner = BatchRunner(model, tok, cfg.device, delta, cfg.mem_cap_bytes, cfg.oom_every, cfg.step_delay_s,
-                                 early_exit=cfg.early_exit)
+                                 early_exit=cfg.early_exit, kv_headroom=cfg.kv_headroom)
         from worker.loader import device_kind
 
         info: dict[str, Any] = {"pid": os.getpid(), "device": cfg.device, "delta": delta,

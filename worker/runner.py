@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from scheduler.contract import BatchOutput, BatchStats, Outcome, RowOutput, TokenEvent, WorkBatch
+from worker.kvcache import grow_in_place
 from worker.sampling import sample
 from worker.text import RequestText, eos_ids_of
 
@@ -42,6 +43,7 @@ class BatchRunner:
         oom_every: int = 0,
         step_delay_s: float = 0.0,
         early_exit: bool = True,
+        kv_headroom: int = 64,
     ) -> None:
         self.model = model
         self.tok = tokenizer
@@ -54,6 +56,7 @@ class BatchRunner:
         # early exit: a row leaves the batch the step it ends (its cache rows dropped); else the
         # paper's literal static batch: every row is computed until the longest one ends
         self.early_exit = early_exit
+        self.kv_headroom = kv_headroom  # spare cache columns per layer (worker.kvcache); 0: transformers' cat
         self.eos_ids = eos_ids_of(model, tokenizer)
         # prefill needs the last position's logits only: B x L x vocab would dwarf the KV cache
         params = inspect.signature(model.forward).parameters
@@ -137,7 +140,7 @@ class BatchRunner:
         t0 = time.perf_counter()
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          **self._last_logits_only)
-        cache = out.past_key_values
+        cache = grow_in_place(out.past_key_values, self.kv_headroom)
         logits = out.logits[:, -1, :]
         prefill_s = time.perf_counter() - t0
         del out
