@@ -22,9 +22,10 @@ import argparse
 import multiprocessing as mp
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
+
+from bench.steps import emit, header, load_cpu_model
 
 TEXT = ("Translate the following English text into French. The committee will meet next week to "
         "review the budget and decide which projects to fund in the coming year.")
@@ -104,12 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
-    import torch
-
-    from service.settings import Settings
-    from worker.loader import load_model, materialize, resolve
-
-    model = load_model(materialize(resolve(args.model), Settings().cache_dir), "cpu", torch.float32)
+    model = load_cpu_model(args.model)
     vocab = int(model.config.vocab_size)
     kinds = [k.strip() for k in args.neighbours.split(",") if k.strip()]
     decode_steps(model, args.rows, args.prompt_len, 8, vocab)  # warm-up
@@ -125,21 +121,16 @@ def main(argv: list[str] | None = None) -> int:
                     proc.join(30)
     base = statistics.median(results[kinds[0]])
     lines = [
-        "# Decode step time with a CPU neighbour", "", "```", "python -m bench.interference "
-        + " ".join(sys.argv[1:] if argv is None else argv), "```", "",
-        f"- model `{args.model}`, {args.rows} rows, prompt {args.prompt_len} tokens, {args.steps} steps per pass, "
-        f"{args.repeats} passes per condition (in turn), torch threads {torch.get_num_threads()}, "
-        f"{os.cpu_count()} CPUs, 1-min load average at the end {os.getloadavg()[0]:.2f}", "",
+        *header("Decode step time with a CPU neighbour", "bench.interference", argv,
+                f"model `{args.model}`, {args.rows} rows, prompt {args.prompt_len} tokens, {args.steps} steps per "
+                f"pass, {args.repeats} passes per condition (in turn)"),
         f"| neighbour | median step (ms) | mean step (ms) | median vs `{kinds[0]}` |",
         "| --- | ---: | ---: | ---: |",
     ]
     for kind in kinds:
         med = statistics.median(results[kind])
         lines.append(f"| {kind} | {med * 1e3:.1f} | {statistics.fmean(results[kind]) * 1e3:.1f} | {med / base:.2f}x |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text)
+    emit(lines, args.out)
     return 0
 
 

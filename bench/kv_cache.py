@@ -13,11 +13,11 @@ the table gives the median step time of each and their ratio, within this one ru
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
+
+from bench.steps import emit, header, load_cpu_model
 
 DEFAULT_SHAPES = "16x300/300,16x750/300,16x750/750,16x1500/300,32x300/300,32x750/300,32x750/750,32x1500/300"
 
@@ -71,12 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     shapes = parse_shapes(args.shapes)
 
-    import torch
-
-    from service.settings import Settings
-    from worker.loader import load_model, materialize, resolve
-
-    model = load_model(materialize(resolve(args.model), Settings().cache_dir), "cpu", torch.float32)
+    model = load_cpu_model(args.model)
     vocab = int(model.config.vocab_size)
     step_times(model, 4, 64, 64, 4, 0, vocab)  # warm-up
     rows_md = []
@@ -89,19 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         rows_md.append(f"| {rows} | {cols} | {filled} | {cat * 1e3:.1f} | {grown * 1e3:.1f} | {grown / cat:.2f}x |")
         print(rows_md[-1], flush=True)
     lines = [
-        "# Decode step: concatenating KV cache vs in-place growth", "", "```", "python -m bench.kv_cache "
-        + " ".join(sys.argv[1:] if argv is None else argv), "```", "",
-        f"- model `{args.model}` (float32), {args.steps} decode steps per pass, {args.repeats} passes per cache "
-        f"(in turn), headroom {args.headroom} columns, torch threads {torch.get_num_threads()}, "
-        f"{os.cpu_count()} CPUs, 1-min load average at the end {os.getloadavg()[0]:.2f}", "",
+        *header("Decode step: concatenating KV cache vs in-place growth", "bench.kv_cache", argv,
+                f"model `{args.model}` (float32), {args.steps} decode steps per pass, {args.repeats} passes per "
+                f"cache (in turn), headroom {args.headroom} columns"),
         "| rows | cache columns | filled per row | concatenating (ms) | in place (ms) | in place vs concatenating |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows_md,
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text)
+    emit(lines, args.out)
     return 0
 
 
