@@ -2,7 +2,7 @@
 
     python -m bench.interference [--model default] [--rows 16] [--steps 96] [--out FILE.md]
 
-A worker decodes ``--rows`` rows (greedy, KV cache, ``--prompt-len`` random prompt tokens) for
+A worker decodes ``--rows`` rows (greedy, transformers' concatenating KV cache, ``--prompt-len`` random prompt tokens) for
 ``--steps`` steps in this process, with torch's default threads (as a server's worker), while
 one neighbour process runs beside it:
 
@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.steps import emit, header, load_cpu_model
+from bench.steps import emit, header, load_cpu_model, step_times
 
 TEXT = ("Translate the following English text into French. The committee will meet next week to "
         "review the budget and decide which projects to fund in the coming year.")
@@ -77,23 +77,6 @@ def neighbour(kind: str):
     return p, stop
 
 
-def decode_steps(model, rows: int, prompt_len: int, steps: int, vocab: int) -> list[float]:
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (rows, prompt_len), generator=g)
-    with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            times.append(time.perf_counter() - t)
-    return times
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.interference", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
@@ -108,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     model = load_cpu_model(args.model)
     vocab = int(model.config.vocab_size)
     kinds = [k.strip() for k in args.neighbours.split(",") if k.strip()]
-    decode_steps(model, args.rows, args.prompt_len, 8, vocab)  # warm-up
+    step_times(model, args.rows, args.prompt_len, args.prompt_len, 8, 0, vocab)  # warm-up
     results: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.repeats):
         for kind in kinds:
             proc, stop = neighbour(kind)
             try:
-                results[kind] += decode_steps(model, args.rows, args.prompt_len, args.steps, vocab)
+                results[kind] += step_times(model, args.rows, args.prompt_len, args.prompt_len, args.steps, 0, vocab)
             finally:
                 if proc is not None:
                     stop.set()

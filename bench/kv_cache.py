@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
-from bench.steps import emit, header, load_cpu_model
+from bench.steps import emit, header, load_cpu_model, step_times
 
 DEFAULT_SHAPES = "16x300/300,16x750/300,16x750/750,16x1500/300,32x300/300,32x750/300,32x750/750,32x1500/300"
 
@@ -32,32 +31,6 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
             raise ValueError(f"filled columns must be in 1..{cols}: {part!r}")
         out.append((int(rows), int(cols), int(filled)))
     return out
-
-
-def step_times(model, rows: int, cols: int, filled: int, steps: int, headroom: int, vocab: int) -> list[float]:
-    """Per-step seconds of ``steps`` greedy decode steps after a left-padded prefill."""
-    import torch
-
-    from worker.kvcache import grow_in_place
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (rows, cols), generator=g)
-    mask = torch.zeros((rows, cols), dtype=torch.long)
-    mask[:, cols - filled:] = 1
-    times = []
-    with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=1)
-        cache, pos = grow_in_place(out.past_key_values, headroom), mask.sum(-1)
-        nxt = out.logits[:, -1].argmax(-1)
-        for _ in range(steps):
-            mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
-            t = time.perf_counter()
-            out = model(input_ids=nxt.view(rows, 1), attention_mask=mask, position_ids=pos.view(rows, 1),
-                        past_key_values=cache, use_cache=True)
-            times.append(time.perf_counter() - t)
-            cache, pos, nxt = out.past_key_values, pos + 1, out.logits[:, -1].argmax(-1)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -32,3 +33,29 @@ def emit(lines: list[str], out: Path | None) -> None:
     print(text)
     if out is not None:
         out.write_text(text)
+
+
+def step_times(model, rows: int, cols: int, filled: int, steps: int, headroom: int, vocab: int) -> list[float]:
+    """Per-step seconds of ``steps`` greedy decode steps after a left-padded prefill."""
+    import torch
+
+    from worker.kvcache import grow_in_place
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (rows, cols), generator=g)
+    mask = torch.zeros((rows, cols), dtype=torch.long)
+    mask[:, cols - filled:] = 1
+    times = []
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+        cache, pos = grow_in_place(out.past_key_values, headroom), mask.sum(-1)
+        nxt = out.logits[:, -1].argmax(-1)
+        for _ in range(steps):
+            mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+            t = time.perf_counter()
+            out = model(input_ids=nxt.view(rows, 1), attention_mask=mask, position_ids=pos.view(rows, 1),
+                        past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t)
+            cache, pos, nxt = out.past_key_values, pos + 1, out.logits[:, -1].argmax(-1)
+    return times

@@ -62,7 +62,7 @@ class GrowableLayer(DynamicLayer):
         if self.keys.numel() == 0:  # nothing cached yet: the first states start the buffer
             self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
         n = key_states.shape[-2]
-        if not self._owned() or self.keys.shape[0] != key_states.shape[0] or self._len + n > self._kbuf.shape[2]:
+        if not self._owned() or self._len + n > self._kbuf.shape[2]:
             self._adopt(n)
         self._kbuf[:, :, self._len:self._len + n] = key_states
         self._vbuf[:, :, self._len:self._len + n] = value_states
