@@ -7,6 +7,7 @@ sets ``func(args) -> int``. ``python -m predictor.cli ...`` runs the same comman
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -26,6 +27,7 @@ from predictor.probe import PromptProbe, layer_of
 from predictor.probe_mixture import ProbeMixture, probe_inputs
 from predictor.repredict import HeadRow, fit_from_training_set
 from predictor.trainset import TrainingSet
+from predictor.types import CHECKPOINTS
 
 #: Turns a ``--probe-model`` value (a model spec such as ``default``) into a transformers directory;
 #: the ``magnus`` command installs the served model's resolver, standalone use takes a directory.
@@ -148,12 +150,19 @@ def read_heads(path: str) -> dict[str, list[int]]:
 
 
 def head_rows(rows: Sequence[Row], heads: dict[str, list[int]], p_run: np.ndarray,
-              point: np.ndarray) -> list[HeadRow]:
-    """Re-predictor inputs of ``rows`` (every row needs a head in ``heads`` and a max_tokens)."""
+              point: np.ndarray, states: dict[str, np.ndarray] | None = None) -> list[HeadRow]:
+    """Re-predictor inputs of ``rows`` (every row needs a head in ``heads`` and a max_tokens);
+    ``states``: each row's head states at the checkpoints (``PromptProbe.encode_with_heads``), of
+    which a row carries the one of the last checkpoint its head reached, as a worker reports it."""
     missing = [r.id for r in rows if r.id not in heads or r.max_tokens is None]
     if missing:
         raise ValueError(f"{len(missing)} rows have no head tokens or no max_tokens (e.g. {missing[:3]})")
-    return [HeadRow(float(p), float(pt), r.input_tokens, int(r.max_tokens or 0), heads[r.id] or [0])
+
+    def state(r: Row) -> np.ndarray | None:
+        reached = [c for c, k in enumerate(CHECKPOINTS) if k <= len(heads[r.id])]
+        return None if states is None or not reached else states[r.id][reached[-1]]
+
+    return [HeadRow(float(p), float(pt), r.input_tokens, int(r.max_tokens or 0), heads[r.id] or [0], state(r))
             for r, p, pt in zip(rows, p_run, point, strict=True)]
 
 
@@ -187,12 +196,15 @@ def cmd_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     probe = _probe(args, args.served_model, args.probe_layer) if args.form == "probe" else None
-    Z = None if probe is None else probe.encode([r.app_text for r in fit_rows], [r.user_text for r in fit_rows])
+    Z = H = None
+    if probe is not None:  # with first tokens, their head states too (the re-predictor learns from them)
+        Z, H = probe.encode_with_heads([r.app_text for r in fit_rows], [r.user_text for r in fit_rows],
+                                       [heads[r.id] for r in fit_rows] if args.heads else None)
     train = TrainingSet(embedder.name, embedder.dim, X, np.array([r.output_tokens for r in fit_rows]),
                         [r.app_text for r in fit_rows], served_model=args.served_model,
                         max_tokens=np.array([r.max_tokens or 0 for r in fit_rows]),
                         heads=TrainingSet.pack_heads([heads.get(r.id, []) for r in fit_rows]),
-                        Z=Z, probe=None if probe is None else probe.name)
+                        Z=Z, probe=None if probe is None else probe.name, H=H)
     forest: LengthForest | RunawayMixture
     if args.form == "paper":
         forest = LengthForest.fit(train, params, show_progress=True)
@@ -276,8 +288,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if forest.repredictor is None:
             print("the model has no re-predictor (train with --heads)", file=sys.stderr)
             return 2
-        reprediction = repredict_report(forest.repredictor, rows, read_heads(args.heads), score, point,
-                                        head_rows, args.runaway_threshold)
+        heads = read_heads(args.heads)
+        states = None
+        if probe is not None and getattr(forest.repredictor, "state_model", None) is not None:
+            _, H = probe.encode_with_heads([r.app_text for r in rows], [r.user_text for r in rows],
+                                           [heads.get(r.id, []) for r in rows])
+            assert H is not None
+            states = {r.id: H[i] for i, r in enumerate(rows)}
+        reprediction = repredict_report(forest.repredictor, rows, heads, score, point,
+                                        functools.partial(head_rows, states=states), args.runaway_threshold)
         print("\n" + reprediction.markdown())
     if args.predictions:
         with open(args.file, encoding="utf-8") as f:

@@ -23,7 +23,7 @@ from predictor.probe_mixture import ProbeMixture, probe_inputs
 from predictor.refit import Refitter
 from predictor.repredict import MIN_HEAD_ROWS, HeadRow
 from predictor.trainset import ModelMismatchError, TrainingSet
-from predictor.types import PredictInput, Prediction
+from predictor.types import CHECKPOINTS, PredictInput, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -211,12 +211,15 @@ class LengthPredictor:
         if train is not None and train.probe == name:
             return train
         if train is not None and self.probe is None:
-            return dataclasses.replace(train, Z=None, probe=None)
+            return dataclasses.replace(train, Z=None, probe=None, H=None)
         if train is not None and len(train):
             log.warning("starting a fresh training set: the stored one has probe features %r, this predictor "
                         "needs %r", train.probe, name)
-        Z = None if self.probe is None else np.zeros((0, self.probe.dim), dtype=np.float32)
-        return TrainingSet(self.embedder.name, self.embedder.dim, Z=Z, probe=name,
+        Z = H = None
+        if self.probe is not None:
+            Z = np.zeros((0, self.probe.dim), dtype=np.float32)
+            H = np.zeros((0, len(CHECKPOINTS), self.probe.dim), dtype=np.float16)
+        return TrainingSet(self.embedder.name, self.embedder.dim, Z=Z, probe=name, H=H,
                            served_model=None if train is None else train.served_model)
 
     def _served_model_fits(self, what: str, path: str, recorded: str | None, explicit: bool = False) -> bool:
@@ -345,10 +348,12 @@ class LengthPredictor:
         y = np.array([o.true_tokens for o in pending], dtype=np.float32)
         caps = np.array([o.max_tokens for o in pending], dtype=np.float32)
         heads = TrainingSet.pack_heads([o.head_ids for o in pending])
-        Z = None if self.probe is None else self.probe.encode([o.app_text for o in pending],
-                                                              [o.user_text for o in pending])
+        Z = H = None
+        if self.probe is not None:
+            Z, H = self.probe.encode_with_heads([o.app_text for o in pending], [o.user_text for o in pending],
+                                                [o.head_ids for o in pending])
         with self._lock:
-            self._train = self._train.extended(X, y, [o.app_text for o in pending], caps, heads, Z)
+            self._train = self._train.extended(X, y, [o.app_text for o in pending], caps, heads, Z, H)
             self._train_dirty = True
         return len(pending)
 

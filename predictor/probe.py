@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from predictor.types import CHECKPOINTS
+
 
 def default_layer(num_layers: int) -> int:
     """The depth probed when none is configured: just past the middle (16 of 30)."""
@@ -79,13 +81,22 @@ class PromptProbe:
 
     def encode(self, app_texts: Sequence[str], user_texts: Sequence[str]) -> np.ndarray:
         """Features ``(n, dim)`` float32, one row per (application text, user text) pair."""
+        return self.encode_with_heads(app_texts, user_texts, None)[0]
+
+    def encode_with_heads(self, app_texts: Sequence[str], user_texts: Sequence[str],
+                          heads: Sequence[Sequence[int]] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(Z, H)``: the prompts' features as ``encode`` gives them and, when the requests' first
+        generated tokens ``heads`` are given, their head states ``(n, len(checkpoints), dim)``
+        (``head_state_means``; NaN where a head is too short for a checkpoint), from one forward."""
         import torch
 
-        if len(app_texts) != len(user_texts):
-            raise ValueError("app_texts and user_texts must have the same length")
-        seqs = [self.prompt_ids(a or "", u or "") for a, u in zip(app_texts, user_texts, strict=True)]
-        out = np.zeros((len(seqs), self.dim), dtype=np.float32)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths: little padding
+        if len(app_texts) != len(user_texts) or (heads is not None and len(heads) != len(app_texts)):
+            raise ValueError("app_texts, user_texts (and heads) must have the same length")
+        prompts = [self.prompt_ids(a or "", u or "") for a, u in zip(app_texts, user_texts, strict=True)]
+        tails = [[] for _ in prompts] if heads is None else [list(h)[:CHECKPOINTS[-1] - 1] for h in heads]
+        Z = np.zeros((len(prompts), self.dim), dtype=np.float32)
+        H = None if heads is None else np.full((len(prompts), len(CHECKPOINTS), self.dim), np.nan, dtype=np.float32)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(tails[i]))  # little padding
         with self._lock:
             previous = torch.get_num_threads()
             if self.threads is not None:
@@ -93,12 +104,19 @@ class PromptProbe:
             try:
                 for start in range(0, len(order), self.batch_size):
                     chunk = order[start:start + self.batch_size]
-                    out[chunk] = self._run([seqs[i] for i in chunk])
+                    states = self._run([prompts[i] + tails[i] for i in chunk])
+                    for j, i in enumerate(chunk):
+                        n, t = len(prompts[i]), len(tails[i])
+                        row = states[j, states.shape[1] - n - t:]  # the row's tokens, padding cut
+                        Z[i] = row[n - 1].numpy()
+                        if H is not None:
+                            H[i] = head_state_means(row[n - 1:], len(tails[i]) + 1)
             finally:
                 torch.set_num_threads(previous)
-        return out
+        return Z, H
 
-    def _run(self, seqs: list[list[int]]) -> np.ndarray:
+    def _run(self, seqs: list[list[int]]) -> Any:
+        """Hidden states ``(rows, width, dim)`` (float32 torch, CPU) after ``layer`` layers, left-padded."""
         import torch
 
         width = max(len(s) for s in seqs)
@@ -111,4 +129,19 @@ class PromptProbe:
             hs = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
                             output_hidden_states=True, use_cache=False).hidden_states
-        return hs[self.layer][:, -1, :].float().cpu().numpy()
+        return hs[self.layer].float().cpu()
+
+
+def head_state_means(states: Any, known: int) -> np.ndarray:
+    """The head state of each re-prediction checkpoint ``k`` (``CHECKPOINTS``): the mean of the probe
+    layer's states from the prompt's last token through generated token ``k - 1``, i.e. every state
+    the model had computed when it had generated ``k`` tokens. ``states``: ``(known, dim)``, the
+    prompt's last token first; a checkpoint past ``known`` states is NaN."""
+    import torch
+
+    csum = torch.cumsum(torch.as_tensor(states, dtype=torch.float32), dim=0)
+    out = np.full((len(CHECKPOINTS), csum.shape[1]), np.nan, dtype=np.float32)
+    for c, k in enumerate(CHECKPOINTS):
+        if k <= known:
+            out[c] = (csum[k - 1] / k).numpy()
+    return out

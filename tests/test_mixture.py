@@ -11,7 +11,7 @@ from predictor.head import HEAD_FEATURES, head_features
 from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
 from predictor.repredict import HeadRow, Repredictor
 from predictor.trainset import ModelMismatchError, TrainingSet
-from predictor.types import Prediction
+from predictor.types import CHECKPOINTS, Prediction
 from scheduler.contract import RowProgress, WorkBatch
 from scheduler.core import SchedulerCore
 from scheduler.memory import MemoryModel
@@ -121,6 +121,52 @@ def test_repredictor_detects_loops_from_the_first_tokens() -> None:
     ran = np.array([true[i] >= 256 for i in live])
     assert roc_auc_score(ran, p) > 0.9
     assert (point >= k).all() and (high >= point).all() and (high <= 256).all()
+
+
+def _stated(n: int, rng: np.random.Generator, dim: int = 16) -> tuple[list[HeadRow], list[int], np.ndarray]:
+    """Heads of varied tokens for every row (nothing to see in them); the head states' first
+    coordinate tells runaways (+3, about 0.98 AUC at best) from the rest."""
+    rows, lengths = [], []
+    states = rng.normal(size=(n, len(CHECKPOINTS), dim)).astype(np.float32)
+    for i in range(n):
+        run = rng.random() < 0.4
+        length = 256 if run else int(rng.integers(20, 200))
+        states[i, :, 0] += 3.0 if run else 0.0
+        rows.append(HeadRow(0.4, 150.0, 30, 256, rng.integers(0, 5000, min(64, length)).tolist()))
+        lengths.append(length)
+    return rows, lengths, states
+
+
+def test_repredictor_learns_runaways_from_head_states_and_falls_back_without_them(tmp_path) -> None:
+    rows, lengths, states = _stated(300, np.random.default_rng(0))
+    blind = Repredictor().fit(rows, lengths)
+    assert blind.state_model is None
+    rp = Repredictor().fit(rows, lengths, list(states))
+    assert rp.state_model is not None
+    test, true, tstates = _stated(200, np.random.default_rng(1))
+    k = 32
+    live = [i for i, y in enumerate(true) if y > k]
+    ran = np.array([true[i] >= 256 for i in live])
+    c = CHECKPOINTS.index(k)
+    with_state = [HeadRow(test[i].arrival_p, test[i].arrival_point, 30, 256, test[i].head_ids[:k], tstates[i, c])
+                  for i in live]
+    without = [HeadRow(r.arrival_p, r.arrival_point, 30, 256, r.head_ids) for r in with_state]
+    p_state = rp.predict(with_state)[2]
+    assert roc_auc_score(ran, p_state) > 0.9
+    p_blind = rp.predict(without)[2]  # no state reported: the boosted classifier, as without states
+    np.testing.assert_allclose(p_blind, blind.predict(without)[2])
+    assert roc_auc_score(ran, p_blind) < 0.75
+    # a training set keeps head states through a save, and rows added without them are unknown (NaN)
+    n = len(rows)
+    ts = TrainingSet("e", 8, np.zeros((n, N_FEATURES)), lengths, ["a"] * n, max_tokens=np.full(n, 256),
+                     Z=np.zeros((n, 16)), probe="probe:m@1", H=states)
+    ts.save(tmp_path / "t.npz")
+    ts = TrainingSet.load(tmp_path / "t.npz")
+    more = ts.extended(np.zeros((2, N_FEATURES)), np.array([5, 6]), ["a", "a"], np.full(2, 256),
+                       Z=np.zeros((2, 16)))
+    assert np.isnan(more.H[n:]).all() and np.allclose(more.H[:n], states, atol=1e-2)
+    with pytest.raises(ValueError, match="head states"):
+        TrainingSet("e", 8, np.zeros((n, N_FEATURES)), lengths, ["a"] * n, H=states)
 
 
 class _Recorder:

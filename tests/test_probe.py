@@ -25,6 +25,7 @@ from predictor.mixture import MixtureParams, load_length_model
 from predictor.probe import PromptProbe, chat_prompt
 from predictor.probe_mixture import ProbeMixture, probe_rows
 from predictor.trainset import TrainingSet
+from predictor.types import CHECKPOINTS
 from service.launcher import start_server
 
 
@@ -51,6 +52,24 @@ def test_probe_is_the_hidden_state_of_the_prompts_last_token(tiny_model_dir: str
         np.testing.assert_allclose(z, want, rtol=1e-4, atol=1e-4)  # left padding changes nothing
     assert not np.allclose(Z[0], Z[1])
     assert len(probe.model.layers) == 1  # the deeper layer was dropped at load
+    # with the first generated tokens: the same Z, and each checkpoint's mean of the states from
+    # the prompt's last token through generated token k - 1 (NaN past what the head holds)
+    heads = [list(range(100, 140)), list(range(200, 207))]
+    Z2, H = probe.encode_with_heads([a for a, _ in pairs], [u for _, u in pairs], heads)
+    np.testing.assert_allclose(Z2, Z, rtol=1e-4, atol=1e-4)
+    assert H.shape == (2, len(CHECKPOINTS), 64)
+    for (app, user), head, h in zip(pairs, heads, H, strict=True):
+        prompt = probe.tok.encode(chat_prompt(probe.tok, app, user), add_special_tokens=False)
+        with torch.inference_mode():
+            states = full(input_ids=torch.tensor([prompt + head]), output_hidden_states=True).hidden_states[1][0]
+        for c, k in enumerate(CHECKPOINTS):
+            if k <= len(head) + 1:
+                want = states[len(prompt) - 1:len(prompt) - 1 + k].mean(0).numpy()
+                np.testing.assert_allclose(h[c], want, rtol=1e-4, atol=1e-4)
+            else:
+                assert np.isnan(h[c]).all()
+    assert not np.isnan(H[0, CHECKPOINTS.index(32)]).any() and not np.isnan(H[1, 0]).any()  # 7 tokens: k = 8
+    assert np.isnan(H[1, 1]).all()
     with pytest.raises(ValueError, match="layer"):
         PromptProbe(tiny_model_dir, "tiny", layer=3)
 
