@@ -102,6 +102,9 @@ class RowProgress:
     generated: int  # tokens generated so far (resumed ones included)
     looping: bool  # the repetition-loop detector fired: the row will likely run to max_tokens
     head_ids: list[int] = field(default_factory=list)  # its first HEAD_IDS tokens, sent while it has few more
+    # its head state at the last re-prediction checkpoint it reached (``worker.iteration``'s
+    # ``state_layer``), sent once; None: none new
+    state: list[float] | None = None
 
 
 @dataclass

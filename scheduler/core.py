@@ -232,6 +232,8 @@ class SchedulerCore:
             r = self._requests.get(p.request_id)
             if r is not None and r.status == RequestStatus.RUNNING and r.worker == worker:
                 r.generated, r.looping = p.generated, r.looping or p.looping
+                if p.state is not None:
+                    r.head_state = p.state
                 if _checkpoint(len(p.head_ids)) > _checkpoint(len(r.head_ids)):
                     r.head_ids = list(p.head_ids)
                     fresh.append(r)

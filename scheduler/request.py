@@ -101,6 +101,7 @@ class Request:
     preemptions: int = 0  # times it was preempted (put back to wait while running)
     head_ids: list[int] = field(default_factory=list, repr=False)  # its first generated tokens, as reported
     reprediction: Prediction | None = None  # re-estimated from head_ids while it runs (total length)
+    head_state: list[float] | None = None  # the worker's head state at its last checkpoint (probe predictor)
 
     @property
     def estimate(self) -> Prediction | None:

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from predictor.probe import default_layer
 from scheduler.factory import policy_class
 from service.settings import Settings
 from worker.loader import load_tokenizer, materialize, pick_device, pick_dtype, resolve
@@ -92,11 +93,21 @@ def worker_configs(settings: Settings, info: ModelInfo) -> list[WorkerConfig]:
     quant = settings.quantize
     if policy.quantize_bits and quant == "none":
         quant = "4bit" if info.device.startswith("cuda") else "int8"  # bitsandbytes 4-bit needs CUDA
+    mode = worker_mode(policy.runner, settings.continuous_runner)
     return [
         WorkerConfig(model_dir=info.local_dir, device=d, dtype=settings.dtype, quantize=quant,
                      threads=settings.worker_threads, mem_cap_bytes=settings.mem_cap_bytes,
                      oom_every=settings.oom_every, step_delay_s=settings.step_delay_s,
                      early_exit=settings.batch_exit == "early", kv_headroom=settings.kv_headroom,
-                     mode=worker_mode(policy.runner, settings.continuous_runner))
+                     mode=mode, state_layer=state_layer(settings, info, policy.needs_prediction, mode))
         for d in devices
     ]
+
+
+def state_layer(settings: Settings, info: ModelInfo, needs_prediction: bool, mode: str) -> int | None:
+    """The decoder layer whose head states an iteration worker reports: the probe predictor's layer
+    when a predictive policy runs with that form on the iteration runner (its re-predictor reads
+    them), else None (nothing captured)."""
+    if not needs_prediction or mode != "iteration" or settings.predictor_form != "probe":
+        return None
+    return settings.predictor_probe_layer or default_layer(int(info.config.num_hidden_layers))

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from scheduler.contract import BatchOutput, Outcome, Preempted, RowProgress, WorkBatch, WorkItem
+from scheduler.contract import CHECKPOINTS, BatchOutput, Outcome, Preempted, RowProgress, WorkBatch, WorkItem
 from scheduler.memory import delta_from_config
 from scheduler.request import SamplingParams
 from worker.iteration import IterationRunner
@@ -167,3 +167,42 @@ def test_progress_reports_and_loop_detector(parts) -> None:
     assert is_looping([1, 2, 3] * 30) and is_looping([7] * 60)
     assert not is_looping(list(range(200))) and not is_looping([1, 2, 3] * 10)  # too short to call
     assert not is_looping([1, 2, 3] * 30 + [4])  # the cycle broke
+
+
+def test_head_states_are_what_the_probe_computes_offline(parts, tiny_model_dir: str) -> None:
+    """The states a worker reports at the checkpoints (joins mid-run, a preempted row resumed) are
+    the probe's ``head_state_means`` of the same prompt and tokens: what the re-predictor trains on."""
+    import numpy as np
+
+    from predictor.probe import PromptProbe
+
+    probe = PromptProbe(tiny_model_dir, "tiny", layer=1)
+    sink = Sink()
+    r = make(parts, sink, progress_every=4, state_layer=1)
+    pairs = [("Correct the grammar.", "He go to school."),
+             ("Translate into French.", "The cat sits on the mat and looks at the garden.")]
+    items = [WorkItem(str(i), probe.prompt_ids(a, u), 40, SamplingParams()) for i, (a, u) in enumerate(pairs)]
+    r.submit(WorkBatch(1, [items[0]]))
+    for _ in range(5):
+        r.step()
+    r.submit(WorkBatch(2, [items[1]]))  # joins mid-run: its state row follows its cache row
+    for _ in range(15):
+        r.step()
+    r.preempt("0")  # resumed below: its resumed tokens' states come from the prefill
+    pre: Preempted = sink.of("preempted")[0][0]
+    r.submit(WorkBatch(3, [WorkItem("0", items[0].prompt_ids, 40, SamplingParams(), pre.generated_ids)]))
+    run_until_idle(r)
+    heads = {o.rows[0].request_id: o.rows[0].head_ids for o in sink.of("done")}
+    assert all(len(h) == 40 for h in heads.values())
+    _, H = probe.encode_with_heads([a for a, _ in pairs], [u for _, u in pairs], [heads["0"], heads["1"]])
+    for i in (0, 1):
+        got = [np.array(p.state) for rep in sink.of("progress") for p in rep if p.request_id == str(i) and p.state]
+        assert len(got) >= 3  # checkpoints 8..32, each sent once (one may fall between a preemption and a report)
+        ks = []
+        for g in got:
+            c = int(np.nanargmin([np.abs(g - h).max() if not np.isnan(h).any() else np.inf for h in H[i]]))
+            np.testing.assert_allclose(g, H[i, c], rtol=1e-3, atol=1e-4)
+            ks.append(CHECKPOINTS[c])
+        assert ks == sorted(set(ks)) and set(ks) <= {8, 16, 24, 32}
+    with pytest.raises(ValueError, match="state_layer"):
+        make(parts, Sink(), state_layer=3)

@@ -14,6 +14,11 @@ detokenization) and adds:
   dropped from the cache the same step; columns that became padding for every row are trimmed;
 * **progress**: every ``progress_every`` steps, each row's length and a repetition-loop flag go to
   the scheduler (re-prediction while decoding); ``preempt`` hands a row back with its tokens;
+* **head states** (``state_layer``, for the probe predictor's re-predictor): a hook on that decoder
+  layer keeps each row's running sum of its output at the row's positions from the prompt's last
+  token on; at each re-prediction checkpoint (``predictor.types.CHECKPOINTS``) the mean goes along
+  with the next progress report, as ``predictor.probe.head_state_means`` computes it offline. No
+  extra forward: the states are those the step computed anyway;
 * **out of memory**: every row is handed back (preempted, ``oom``) so the scheduler readmits
   fewer; a row alone that does not fit is reported as an OOM batch of one (it fails).
 
@@ -33,6 +38,7 @@ from typing import Any
 import torch
 
 from scheduler.contract import (
+    CHECKPOINTS,
     HEAD_IDS,
     BatchOutput,
     BatchStats,
@@ -62,6 +68,8 @@ class _Row:
     start: float  # wall clock of its admission here
     prefill_s: float = 0.0
     looping: bool = False
+    state: list[float] | None = None  # head state at the last checkpoint reached (state_layer set)
+    state_sent: bool = False
 
     @property
     def resumed(self) -> int:
@@ -91,6 +99,7 @@ class IterationRunner:
         step_delay_s: float = 0.0,
         progress_every: int = 8,
         kv_headroom: int = 64,
+        state_layer: int | None = None,
     ) -> None:
         self.model = model
         self.tok = tokenizer
@@ -113,6 +122,17 @@ class IterationRunner:
         self.next_ids: torch.Tensor | None = None  # (rows,): the token each row feeds next
         self.steps = 0
         self._pending_on_error: list[_Row] = []  # joiners being prefilled (handed back if that fails)
+        self.state_sum: torch.Tensor | None = None  # (rows, hidden): sum of each row's head states
+        self._captured: torch.Tensor | None = None  # the hooked layer's output of the last forward
+        if state_layer is not None:
+            layers = getattr(getattr(model, "model", None), "layers", None)
+            if not isinstance(layers, torch.nn.ModuleList) or not 1 <= state_layer <= len(layers):
+                raise ValueError(f"state_layer {state_layer}: the model has no such decoder layer")
+            layers[state_layer - 1].register_forward_hook(self._capture)
+        self.state_layer = state_layer
+
+    def _capture(self, module: Any, args: Any, output: Any) -> None:
+        self._captured = output[0] if isinstance(output, tuple) else output
 
     @property
     def busy(self) -> bool:
@@ -204,6 +224,10 @@ class IterationRunner:
             self.mask = torch.cat([_pad_left(self.mask, total, 1), _pad_left(mask, total, 1)], dim=0)
             self.pos = torch.cat([self.pos, pos])
             self.next_ids = torch.cat([self.next_ids, next_ids])
+        if self.state_layer is not None:  # from the prompt's last token on (a resumed row's tokens too)
+            assert self._captured is not None
+            sums = torch.stack([self._captured[i, length - r.resumed - 1:].float().sum(0) for i, r in enumerate(new)])
+            self.state_sum = sums if self.state_sum is None else torch.cat([self.state_sum, sums])
         for r in new:
             r.prefill_s = prefill_s
         self.rows.extend(new)
@@ -217,6 +241,9 @@ class IterationRunner:
         out = self.model(input_ids=self.next_ids.view(n, 1).to(self.device), attention_mask=self.mask,
                          position_ids=self.pos.view(n, 1), past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
+        if self.state_sum is not None:
+            assert self._captured is not None
+            self.state_sum += self._captured[:, -1].float()
         self.pos = self.pos + 1
         self.next_ids, lps = sample(out.logits[:, -1, :], [r.text for r in self.rows], [r.gen for r in self.rows])
         self.steps += 1
@@ -233,6 +260,9 @@ class IterationRunner:
             ev = row.text.flush()
             if ev is not None:
                 events.append(ev)
+            n = len(row.text.ids)
+            if self.state_sum is not None and n in CHECKPOINTS:  # every state up to token n - 1: n of them
+                row.state, row.state_sent = (self.state_sum[offset + j] / n).tolist(), False
         if events:
             self.send("tokens", events)
         done = {offset + j for j, row in enumerate(rows) if row.text.done}
@@ -246,21 +276,27 @@ class IterationRunner:
         for row in self.rows:
             if not row.looping and len(row.text.ids) >= 64:
                 row.looping = is_looping(row.text.ids)
-        # the first tokens go along until a report has them all (re-prediction uses no more)
-        self.send("progress", [RowProgress(r.item.request_id, len(r.text.ids), r.looping,
-                                           r.text.ids[:HEAD_IDS] if len(r.text.ids) < HEAD_IDS + 8 else [])
-                               for r in self.rows])
+        # the first tokens go along until a report has them all (re-prediction uses no more), and a
+        # head state once, with the first report after its checkpoint
+        reports = [RowProgress(r.item.request_id, len(r.text.ids), r.looping,
+                               r.text.ids[:HEAD_IDS] if len(r.text.ids) < HEAD_IDS + 8 else [],
+                               r.state if not r.state_sent else None) for r in self.rows]
+        for r in self.rows:
+            r.state_sent = True
+        self.send("progress", reports)
 
     def _drop(self, gone: set[int]) -> None:
         """Rows leave the cache; columns that are padding for every remaining row are trimmed."""
         keep = [i for i in range(len(self.rows)) if i not in gone]
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache = self.mask = self.pos = self.next_ids = None
+            self.cache = self.mask = self.pos = self.next_ids = self.state_sum = None
             return
         index = torch.tensor(keep, device=self.device)
         self.cache.batch_select_indices(index)
         self.mask, self.pos, self.next_ids = self.mask[index], self.pos[index], self.next_ids[keep]
+        if self.state_sum is not None:
+            self.state_sum = self.state_sum[index]
         first = int(self.mask.any(dim=0).int().argmax())
         if first > 0:
             for layer in self.cache.layers:
@@ -281,7 +317,7 @@ class IterationRunner:
         """A step failed: hand everything back (out of memory) or fail everything (anything else)."""
         rows = self.rows + self._pending_on_error + self.pending
         self.rows, self.pending, self._pending_on_error = [], [], []
-        self.cache = self.mask = self.pos = self.next_ids = None
+        self.cache = self.mask = self.pos = self.next_ids = self.state_sum = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

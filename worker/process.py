@@ -33,6 +33,7 @@ class WorkerConfig:
     step_delay_s: float = 0.0  # fault injection: sleep after every decode step (a slow device)
     kv_headroom: int = 64  # spare KV-cache columns per layer, written in place (0: transformers' concatenation)
     early_exit: bool = True  # static batches: a row leaves the batch the step it ends (False: the paper's literal mode)
+    state_layer: int | None = None  # iteration mode: report head states of this decoder layer (probe predictor)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,7 +72,7 @@ def _main(conn, cfg: WorkerConfig) -> None:
             from worker.iteration import IterationRunner
 
             runner = IterationRunner(model, tok, cfg.device, send, delta, cfg.mem_cap_bytes, cfg.step_delay_s,
-                                     kv_headroom=cfg.kv_headroom)
+                                     kv_headroom=cfg.kv_headroom, state_layer=cfg.state_layer)
         else:
             runner = BatchRunner(model, tok, cfg.device, delta, cfg.mem_cap_bytes, cfg.oom_every, cfg.step_delay_s,
                                  early_exit=cfg.early_exit, kv_headroom=cfg.kv_headroom)
