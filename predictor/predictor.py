@@ -182,7 +182,7 @@ class LengthPredictor:
         self._model_dirty = False
         self._phase = 0  # 0 idle, 1 embedding new rows, 2 fitting a forest
         self._counts = {"observed": 0, "selected": 0, "retrains": 0, "fallback_predictions": 0,
-                        "forest_predictions": 0, "repredictions": 0}
+                        "forest_predictions": 0, "repredictions": 0, "repredictions_with_state": 0}
         self._recent: deque[tuple[float, bool, bool]] = deque(maxlen=_RECENT)  # (abs error, flagged, ran away)
         self._abs_err_sum = 0.0
         self._abs_err_n = 0
@@ -287,6 +287,7 @@ class LengthPredictor:
         point, high, p_run = rp.predict(rows)
         with self._lock:
             self._counts["repredictions"] += len(rows)
+            self._counts["repredictions_with_state"] += sum(r.state is not None for r in rows)
         return [_prediction(p, h, r, "repredicted") for p, h, r in zip(point, high, p_run, strict=True)]
 
     def _fallback(self, item: PredictInput) -> Prediction:

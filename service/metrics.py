@@ -177,6 +177,8 @@ class Metrics:
                              ("rolling_runaway_recall", "of the last 200 that ran away, the share predicted "
                                                         "(-1: none ran away)"),
                              ("repredictions", "running requests re-predicted from their first tokens"),
+                             ("repredictions_with_state", "of those, re-predicted with the worker's head state "
+                                                          "(probe form on the iteration runner)"),
                              ("last_retrain_s", "seconds the last retraining's fit took (-1: none yet)")):
                 g = Gauge(f"magnus_predictor_{key}", doc, registry=self.registry)
                 g.set_function(lambda k=key: float(predictor_stats().get(k, -1.0)))

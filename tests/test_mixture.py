@@ -192,7 +192,9 @@ def test_core_repredicts_at_checkpoints_and_pcb_uses_it() -> None:
     assert remaining_tokens(req) == 200
     core.update_progress(0, [RowProgress("a", 8, False, list(range(8)))], 1.0)
     core.update_progress(0, [RowProgress("a", 15, False, list(range(15)))], 1.1)  # no new checkpoint
-    core.update_progress(0, [RowProgress("a", 16, False, list(range(16)))], 1.2)
+    assert req.head_state is None
+    core.update_progress(0, [RowProgress("a", 16, False, list(range(16)), [0.5, -1.0])], 1.2)
+    assert req.head_state == [0.5, -1.0]  # the worker's head state goes to the re-prediction with the head
     assert remaining_tokens(req) == 5  # the re-prediction (21 total, 16 generated), not the arrival 200
     core.update_progress(0, [RowProgress("a", 80, False, [])], 1.3)  # past the head: nothing new
     assert hook.calls == [["a"], ["a"]]

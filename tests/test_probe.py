@@ -160,6 +160,37 @@ def test_probe_form_learns_continually_and_refuses_another_probe(tiny_model_dir:
         PredictorConfig(form="probe")
 
 
+def test_a_pcb_server_repredicts_from_the_workers_head_states(tiny_model_dir: str, tmp_path: Path,
+                                                              server_factory) -> None:
+    """Trained with first tokens (so its re-predictor has a head-state model), a probe-form file
+    served by pcb on the iteration runner: the worker's head states reach the re-predictor."""
+    rng = np.random.default_rng(0)
+    data = rows(40, 0)
+    for i, r in enumerate(data):
+        r["output_tokens"] = 64 if i % 2 == 0 else int(rng.integers(20, 50))  # the 'sum' answers end mid-head
+    with open(tmp_path / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in data)
+    with open(tmp_path / "heads.jsonl", "w") as f:
+        f.writelines(json.dumps({"id": r["id"], "head_ids": rng.integers(100, 5000, min(64, r["output_tokens"])).tolist()})
+                     + "\n" for r in data)
+    assert cli_main(["predictor", "train", "--form", "probe", "--probe-model", tiny_model_dir, "--probe-layer", "1",
+                     "--served-model", "tiny", "--from-jsonl", str(tmp_path / "train.jsonl"),
+                     "--heads", str(tmp_path / "heads.jsonl"), "--out", str(tmp_path / "p.joblib")]) == 0
+    assert load_length_model(tmp_path / "p.joblib").repredictor.state_model is not None
+    srv = server_factory(tiny_model_dir, policy="pcb", served_model_name="tiny", predictor_form="probe",
+                         predictor_probe_layer=1, predictor_model=tmp_path / "p.joblib")
+    client = OpenAI(base_url=srv.base_url + "/v1", api_key="x")
+    for r in rows(2, 3):
+        out = client.chat.completions.create(model="tiny", max_tokens=40, temperature=0,
+                                             messages=[{"role": "system", "content": r["instruction"]},
+                                                       {"role": "user", "content": r["input"]}])
+        assert out.usage.completion_tokens == 40  # the random model does not end: checkpoints 8..32 pass
+    metrics = httpx.get(srv.base_url + "/metrics").text
+    with_state = float(re.search(r"^magnus_predictor_repredictions_with_state (\S+)$", metrics, re.M).group(1))
+    total = float(re.search(r"^magnus_predictor_repredictions (\S+)$", metrics, re.M).group(1))
+    assert with_state >= 2 and with_state == total  # every re-prediction had the worker's head state
+
+
 def test_cli_trains_and_evaluates_the_probe_form_and_a_server_predicts_with_it(
         tiny_model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], server_factory) -> None:
     for name, seed in (("train", 0), ("test", 1)):
