@@ -110,9 +110,12 @@ async def drain(server: Server, timeout: float) -> int:
 
 #: What the server's ``/metrics`` says about a run (each: the change from before its first request
 #: to after its drain): the front end's CPU time (the process that predicts lengths and schedules,
-#: sharing the machine with the workers), preemptions, re-predictions and predictor retrains.
+#: sharing the machine with the workers), preemptions, re-predictions (and those with a worker head
+#: state) and predictor retrains.
 SERVER_COUNTERS = {"front_end_cpu_s": "process_cpu_seconds_total", "preemptions": "magnus_preemptions_total",
-                   "repredictions": "magnus_predictor_repredictions", "predictor_retrains": "magnus_predictor_retrains"}
+                   "repredictions": "magnus_predictor_repredictions",
+                   "repredictions_with_state": "magnus_predictor_repredictions_with_state",
+                   "predictor_retrains": "magnus_predictor_retrains"}
 
 
 async def scrape(server: Server) -> dict[str, float]:
@@ -308,8 +311,9 @@ def comparison_table(runs: Sequence[Run]) -> str:
 
 def server_table(runs: Sequence[Run]) -> str:
     """Markdown: ``SERVER_COUNTERS`` per run ("-": the server does not expose it, e.g. no predictor)."""
-    lines = ["| rate (req/s) | policy | front-end CPU (s) | preemptions | re-predictions | predictor retrains |",
-             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| rate (req/s) | policy | front-end CPU (s) | preemptions | re-predictions | with a head state "
+             "| predictor retrains |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in in_table_order(runs):
         cells = [("-" if key not in r.server else f"{r.server[key]:.{1 if key == 'front_end_cpu_s' else 0}f}")
                  for key in SERVER_COUNTERS]
