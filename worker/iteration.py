@@ -228,6 +228,7 @@ class IterationRunner:
             assert self._captured is not None
             sums = torch.stack([self._captured[i, length - r.resumed - 1:].float().sum(0) for i, r in enumerate(new)])
             self.state_sum = sums if self.state_sum is None else torch.cat([self.state_sum, sums])
+            self._captured = None  # the prefill's states of every position: not kept
         for r in new:
             r.prefill_s = prefill_s
         self.rows.extend(new)
