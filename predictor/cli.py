@@ -24,10 +24,10 @@ from predictor.features import FeatureExtractor
 from predictor.forest import TARGETS, ForestParams, LengthForest
 from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
 from predictor.probe import PromptProbe, layer_of
-from predictor.probe_mixture import ProbeMixture, probe_inputs
+from predictor.probe_mixture import ProbeMixture, probe_inputs, probe_rows
 from predictor.repredict import HeadRow, fit_from_training_set
 from predictor.trainset import TrainingSet
-from predictor.types import CHECKPOINTS
+from predictor.types import CHECKPOINTS, last_checkpoint
 
 #: Turns a ``--probe-model`` value (a model spec such as ``default``) into a transformers directory;
 #: the ``magnus`` command installs the served model's resolver, standalone use takes a directory.
@@ -159,8 +159,8 @@ def head_rows(rows: Sequence[Row], heads: dict[str, list[int]], p_run: np.ndarra
         raise ValueError(f"{len(missing)} rows have no head tokens or no max_tokens (e.g. {missing[:3]})")
 
     def state(r: Row) -> np.ndarray | None:
-        reached = [c for c, k in enumerate(CHECKPOINTS) if k <= len(heads[r.id])]
-        return None if states is None or not reached else states[r.id][reached[-1]]
+        k = last_checkpoint(len(heads[r.id]))
+        return None if states is None or not k else states[r.id][CHECKPOINTS.index(k)]
 
     return [HeadRow(float(p), float(pt), r.input_tokens, int(r.max_tokens or 0), heads[r.id] or [0], state(r))
             for r, p, pt in zip(rows, p_run, point, strict=True)]
@@ -265,6 +265,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"the model reads the probe {forest.meta.probe!r}, not {probe.name!r}", file=sys.stderr)
             return 2
     inputs: dict[bool, np.ndarray] = {}  # the rows as a probe model / any other form reads them
+    heads = read_heads(args.heads) if args.heads else {}
+    states = None  # head states, when the re-predictor reads them: one probe forward gives them with Z
+    if probe is not None and args.heads and getattr(forest.repredictor, "state_model", None) is not None:
+        Z, H = probe.encode_with_heads([r.app_text for r in rows], [r.user_text for r in rows],
+                                       [heads.get(r.id, []) for r in rows])
+        assert H is not None
+        inputs[True] = probe_rows(Z, np.array([r.input_tokens for r in rows]))
+        states = {r.id: H[i] for i, r in enumerate(rows)}
 
     def read_as(model: Any) -> np.ndarray:
         key = model.form == "probe"
@@ -288,13 +296,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if forest.repredictor is None:
             print("the model has no re-predictor (train with --heads)", file=sys.stderr)
             return 2
-        heads = read_heads(args.heads)
-        states = None
-        if probe is not None and getattr(forest.repredictor, "state_model", None) is not None:
-            _, H = probe.encode_with_heads([r.app_text for r in rows], [r.user_text for r in rows],
-                                           [heads.get(r.id, []) for r in rows])
-            assert H is not None
-            states = {r.id: H[i] for i, r in enumerate(rows)}
         reprediction = repredict_report(forest.repredictor, rows, heads, score, point,
                                         functools.partial(head_rows, states=states), args.runaway_threshold)
         print("\n" + reprediction.markdown())

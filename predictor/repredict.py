@@ -64,7 +64,7 @@ class HeadRow:
     input_tokens: int
     max_tokens: int
     head_ids: Sequence[int]  # the first generated tokens (at least one)
-    state: np.ndarray | None = None  # head state at the last checkpoint reached (None: not reported)
+    state: np.ndarray | Sequence[float] | None = None  # head state at the last checkpoint reached (None: not reported)
 
 
 def _features(r: HeadRow, k: int) -> np.ndarray:

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 CHECKPOINTS = (8, 16, 24, 32, 48, 64)
 
 
+def last_checkpoint(k: int) -> int:
+    """The last of ``CHECKPOINTS`` at or below ``k`` generated tokens (0: none yet)."""
+    return max((c for c in CHECKPOINTS if c <= k), default=0)
+
+
 @dataclass
 class PredictInput:
     """One request as the predictor sees it."""

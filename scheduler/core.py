@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from predictor.types import CHECKPOINTS
+from predictor.types import last_checkpoint
 from scheduler.batch import Batch, BatchOutcome
 from scheduler.contract import BatchOutput, Outcome, Preempted, RowOutput, RowProgress, WorkBatch, WorkItem
 from scheduler.policy import Policy
@@ -234,7 +234,7 @@ class SchedulerCore:
                 r.generated, r.looping = p.generated, r.looping or p.looping
                 if p.state is not None:
                     r.head_state = p.state
-                if _checkpoint(len(p.head_ids)) > _checkpoint(len(r.head_ids)):
+                if last_checkpoint(len(p.head_ids)) > last_checkpoint(len(r.head_ids)):
                     r.head_ids = list(p.head_ids)
                     fresh.append(r)
                 reqs.append(r)
@@ -321,6 +321,3 @@ class SchedulerCore:
             r.status = RequestStatus.FINISHED_LENGTH if r.finish_reason == "length" else RequestStatus.FINISHED_STOPPED
 
 
-def _checkpoint(k: int) -> int:
-    """The last re-prediction checkpoint (``predictor.repredict.CHECKPOINTS``) at or below ``k`` tokens."""
-    return max((c for c in CHECKPOINTS if c <= k), default=0)

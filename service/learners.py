@@ -8,8 +8,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from predictor.types import PredictInput, Prediction
 from scheduler.builder import PolicySettings, Scheduler, build_scheduler, served_profile
 from scheduler.costmodel import ModelProfile, get_hardware
@@ -136,8 +134,7 @@ class Learners:
 
         rows = [HeadRow((r.prediction.p_runaway or 0.0) if r.prediction else 0.0,
                         float(r.prediction.tokens if r.prediction else r.max_tokens), r.input_tokens, r.max_tokens,
-                        r.head_ids, None if r.head_state is None else np.asarray(r.head_state, dtype=np.float32))
-                for r in reqs]
+                        r.head_ids, r.head_state) for r in reqs]
         for r, p in zip(reqs, self.predictor.repredict(rows) or [], strict=False):
             r.reprediction = p
 

@@ -68,8 +68,7 @@ class _Row:
     start: float  # wall clock of its admission here
     prefill_s: float = 0.0
     looping: bool = False
-    state: list[float] | None = None  # head state at the last checkpoint reached (state_layer set)
-    state_sent: bool = False
+    state: list[float] | None = None  # head state of a checkpoint reached since the last report (state_layer set)
 
     @property
     def resumed(self) -> int:
@@ -263,7 +262,7 @@ class IterationRunner:
                 events.append(ev)
             n = len(row.text.ids)
             if self.state_sum is not None and n in CHECKPOINTS:  # every state up to token n - 1: n of them
-                row.state, row.state_sent = (self.state_sum[offset + j] / n).tolist(), False
+                row.state = (self.state_sum[offset + j] / n).tolist()
         if events:
             self.send("tokens", events)
         done = {offset + j for j, row in enumerate(rows) if row.text.done}
@@ -281,9 +280,9 @@ class IterationRunner:
         # head state once, with the first report after its checkpoint
         reports = [RowProgress(r.item.request_id, len(r.text.ids), r.looping,
                                r.text.ids[:HEAD_IDS] if len(r.text.ids) < HEAD_IDS + 8 else [],
-                               r.state if not r.state_sent else None) for r in self.rows]
+                               r.state) for r in self.rows]
         for r in self.rows:
-            r.state_sent = True
+            r.state = None  # sent
         self.send("progress", reports)
 
     def _drop(self, gone: set[int]) -> None:
