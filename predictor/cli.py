@@ -50,8 +50,9 @@ def register(sub: argparse._SubParsersAction, resolve_model: ModelResolver | Non
                         "(default); paper: the paper's random forest; probe: the mixture on the served "
                         "model's hidden state of the prompt (needs --probe-model and --served-model)")
     t.add_argument("--heads", metavar="FILE",
-                   help="mixture: also train the re-predictor on these rows' first generated tokens "
-                        "(JSONL id, head_ids: python -m bench.prefix)")
+                   help="mixture, probe: also train the re-predictor on these rows' first generated tokens "
+                        "(JSONL id, head_ids: python -m bench.prefix); with --probe-model, on the served "
+                        "model's head states too (what an iteration worker reports while decoding)")
     t.add_argument("--embedder", default="default",
                    help="'default' (bundled all-MiniLM-L6-v2), sentence-transformers/LaBSE, a path or hub id")
     t.add_argument("--device", default="cpu", help="embedder device (default: cpu)")
@@ -107,10 +108,11 @@ def register(sub: argparse._SubParsersAction, resolve_model: ModelResolver | Non
 
 def _probe_args(p: argparse.ArgumentParser, resolve_model: ModelResolver | None) -> None:
     p.add_argument("--probe-model", metavar="MODEL",
-                   help="form probe: the served model (" + ("a model spec as `magnus serve --model` takes, "
-                        "e.g. default" if resolve_model else "its transformers directory") + ")")
+                   help="form probe, and head states with --heads: the served model (" + (
+                       "a model spec as `magnus serve --model` takes, e.g. default" if resolve_model
+                       else "its transformers directory") + ")")
     p.add_argument("--probe-layer", type=int, default=None,
-                   help="form probe: decoder layers run (default: just past the middle)")
+                   help="decoder layers run by the probe (default: just past the middle); the head states' layer")
     p.set_defaults(resolve_model=resolve_model)
 
 
@@ -195,16 +197,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"--heads: {len(missing)} rows have no head tokens or no max_tokens (e.g. {missing[:3]})",
               file=sys.stderr)
         return 2
-    probe = _probe(args, args.served_model, args.probe_layer) if args.form == "probe" else None
+    # form probe: the prompt features; with first tokens (any form given --probe-model), their head
+    # states too, from the same forward (the re-predictor learns from them)
+    wants_probe = args.form == "probe" or (args.heads and args.probe_model and args.form != "paper")
+    probe = _probe(args, args.served_model, args.probe_layer) if wants_probe else None
     Z = H = None
-    if probe is not None:  # with first tokens, their head states too (the re-predictor learns from them)
+    if probe is not None:
         Z, H = probe.encode_with_heads([r.app_text for r in fit_rows], [r.user_text for r in fit_rows],
                                        [heads[r.id] for r in fit_rows] if args.heads else None)
+    probed = args.form == "probe"
     train = TrainingSet(embedder.name, embedder.dim, X, np.array([r.output_tokens for r in fit_rows]),
                         [r.app_text for r in fit_rows], served_model=args.served_model,
                         max_tokens=np.array([r.max_tokens or 0 for r in fit_rows]),
                         heads=TrainingSet.pack_heads([heads.get(r.id, []) for r in fit_rows]),
-                        Z=Z, probe=None if probe is None else probe.name, H=H)
+                        Z=Z if probed else None, probe=probe.name if probed and probe else None, H=H,
+                        states=probe.name if H is not None and probe else None)
     forest: LengthForest | RunawayMixture
     if args.form == "paper":
         forest = LengthForest.fit(train, params, show_progress=True)
@@ -226,7 +233,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     forest.save(args.out)
     metrics = ", ".join(f"{k} {v:.3g}" for k, v in forest.meta.metrics.items())
     elapsed = time.perf_counter() - started
-    reads = embedder.name if probe is None else f"{probe.name} (and {embedder.name} for the stored rows)"
+    reads = embedder.name if not probed or probe is None else f"{probe.name} (and {embedder.name} for the stored rows)"
+    if H is not None and probe is not None:
+        reads += f", head states of {probe.name}"
     print(f"trained on {len(train)} rows with {reads} in {elapsed:.1f}s: {metrics}")
     print(f"wrote {args.out}")
     return 0
@@ -267,11 +276,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     inputs: dict[bool, np.ndarray] = {}  # the rows as a probe model / any other form reads them
     heads = read_heads(args.heads) if args.heads else {}
     states = None  # head states, when the re-predictor reads them: one probe forward gives them with Z
-    if probe is not None and args.heads and getattr(forest.repredictor, "state_model", None) is not None:
-        Z, H = probe.encode_with_heads([r.app_text for r in rows], [r.user_text for r in rows],
-                                       [heads.get(r.id, []) for r in rows])
+    reads_states = getattr(forest.repredictor, "state_model", None) is not None
+    learned_from = getattr(forest.repredictor, "states", None)
+    state_probe = probe
+    if state_probe is None and args.heads and reads_states and learned_from:
+        if args.probe_model:
+            state_probe = _probe(args, forest.meta.served_model, layer_of(learned_from))
+        else:
+            print(f"the re-predictor reads head states of {learned_from}; without --probe-model it is scored "
+                  "without them", file=sys.stderr)
+    if state_probe is not None and args.heads and reads_states:
+        Z, H = state_probe.encode_with_heads([r.app_text for r in rows], [r.user_text for r in rows],
+                                             [heads.get(r.id, []) for r in rows])
         assert H is not None
-        inputs[True] = probe_rows(Z, np.array([r.input_tokens for r in rows]))
+        if probe is not None:
+            inputs[True] = probe_rows(Z, np.array([r.input_tokens for r in rows]))
         states = {r.id: H[i] for i, r in enumerate(rows)}
 
     def read_as(model: Any) -> np.ndarray:

@@ -8,7 +8,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from predictor.embedder import Embedder
 from predictor.features import FeatureExtractor
 from predictor.forest import ForestParams, LengthForest
 from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
-from predictor.probe import PromptProbe
+from predictor.probe import PromptProbe, probe_name
 from predictor.probe_mixture import ProbeMixture, probe_inputs
 from predictor.refit import Refitter
 from predictor.repredict import MIN_HEAD_ROWS, HeadRow
@@ -44,6 +44,9 @@ class PredictorConfig:
     # | "probe" (the mixture on the served model's hidden state of the prompt: predictor.probe)
     probe_model_dir: str | None = None  # form "probe": the served model's transformers directory
     probe_layer: int | None = None  # form "probe": layers run (None: predictor.probe.default_layer)
+    # the decoder layer whose head states the workers report (None: none); the re-predictor of the
+    # other forms learns from them as served requests bring them (form probe: its probe's layer)
+    state_layer: int | None = None
     model_path: str | None = None  # model file to load at start / save to after retraining
     model_is_explicit: bool = False  # model_path was given by the user (--predictor-model), not the state dir
     train_set_path: str | None = None  # persisted continual-learning training set (.npz)
@@ -90,6 +93,22 @@ class PredictorConfig:
                             seed=self.seed, n_jobs=self.n_jobs, target=self.target)
 
 
+def reported_states(reports: Sequence[Mapping[int, Sequence[float]] | None]) -> np.ndarray | None:
+    """Rows of head states by checkpoint (``TrainingSet.H``, NaN where a row reported none) from
+    what workers reported; None when no row has any."""
+    dims = {len(v) for rep in reports if rep for v in rep.values()}
+    if not dims:
+        return None
+    if len(dims) > 1:
+        raise ValueError(f"head states of different sizes: {sorted(dims)}")
+    H = np.full((len(reports), len(CHECKPOINTS), dims.pop()), np.nan, dtype=np.float16)
+    for i, rep in enumerate(reports):
+        for k, v in (rep or {}).items():
+            if k in CHECKPOINTS:
+                H[i, CHECKPOINTS.index(k)] = v
+    return H
+
+
 def select_for_training(predicted: Prediction | None, true_tokens: int, max_tokens: int, trained: bool,
                         err_abs: float = 10.0, err_rel: float = 0.10) -> bool:
     """Whether a finished request joins the training set (DESIGN 2.1, continual learning).
@@ -117,6 +136,7 @@ class _Observed:
     true_tokens: int
     max_tokens: int
     head_ids: list[int]
+    head_states: Mapping[int, Sequence[float]] | None = None  # checkpoint -> the worker's head state
 
 
 class LengthPredictor:
@@ -155,6 +175,9 @@ class LengthPredictor:
         self._lock = threading.Lock()  # guards the state below; never held while embedding/fitting
         self._retrain_lock = threading.Lock()  # one retrain (or final persist) at a time
         self._refitter = Refitter(in_process=not cfg.retrain_in_subprocess)
+        # what the head states the re-predictor reads are (predictor.probe.probe_name); None: no states
+        self.state_source: str | None = self.probe.name if self.probe is not None else (
+            probe_name(cfg.served_model, cfg.state_layer) if cfg.state_layer and cfg.served_model else None)
         self.discarded_state: list[str] = []  # files skipped: learned for another served model
         self._model: LengthModel | None = None
         if cfg.model_path and Path(cfg.model_path).exists():
@@ -170,6 +193,8 @@ class LengthPredictor:
         if train is None and self._model is not None and self._model.train is not None:
             train = self._model.train  # a CLI-trained model carries its training rows
         train = self._with_probe(train)
+        if train.states is not None and train.states != self.state_source:  # another layer's: unusable
+            train = dataclasses.replace(train, H=None, states=None)
         if cfg.served_model is not None and train.served_model != cfg.served_model:
             train = dataclasses.replace(train, served_model=cfg.served_model)  # new rows record it
         self._train = train
@@ -284,6 +309,8 @@ class LengthPredictor:
             rp = None if self._model is None else self._model.repredictor
         if rp is None or not rows:
             return None
+        if getattr(rp, "states", None) not in (None, self.state_source):  # learned from another layer
+            rows = [dataclasses.replace(r, state=None) for r in rows]
         point, high, p_run = rp.predict(rows)
         with self._lock:
             self._counts["repredictions"] += len(rows)
@@ -312,9 +339,10 @@ class LengthPredictor:
 
     # -- continual learning ---------------------------------------------------------------
     def observe(self, item: PredictInput, true_tokens: int, predicted: Prediction | None,
-                head_ids: Sequence[int] = ()) -> None:
+                head_ids: Sequence[int] = (), head_states: Mapping[int, Sequence[float]] | None = None) -> None:
         """A request finished with ``true_tokens`` generated; ``predicted`` is what it was given;
-        ``head_ids`` its first generated tokens, when known (the re-predictor learns from them).
+        ``head_ids`` its first generated tokens and ``head_states`` the worker's head state at each
+        checkpoint it reached, when known (the re-predictor learns from them).
 
         Cheap and non-blocking: updates the fallback medians and the error statistics, and
         queues the request for the next retraining if ``select_for_training`` picks it.
@@ -336,7 +364,7 @@ class LengthPredictor:
                                    self.cfg.err_abs, self.cfg.err_rel):
                 self._counts["selected"] += 1
                 self._pending.append(_Observed(item.app_text, item.user_text, item.input_tokens, true_tokens,
-                                               item.max_tokens, list(head_ids)))
+                                               item.max_tokens, list(head_ids), head_states))
 
     def _absorb_pending(self) -> int:
         """Embed the queued requests and append them to the training set; returns how many."""
@@ -353,8 +381,11 @@ class LengthPredictor:
         if self.probe is not None:
             Z, H = self.probe.encode_with_heads([o.app_text for o in pending], [o.user_text for o in pending],
                                                 [o.head_ids for o in pending])
+        elif self.state_source is not None:
+            H = reported_states([o.head_states for o in pending])
         with self._lock:
-            self._train = self._train.extended(X, y, [o.app_text for o in pending], caps, heads, Z, H)
+            self._train = self._train.extended(X, y, [o.app_text for o in pending], caps, heads, Z, H,
+                                               self.state_source)
             self._train_dirty = True
         return len(pending)
 

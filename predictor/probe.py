@@ -27,6 +27,12 @@ def default_layer(num_layers: int) -> int:
     return max(1, min(num_layers, num_layers // 2 + 1))
 
 
+def probe_name(served_model: str, layer: int) -> str:
+    """The name of layer ``layer`` of ``served_model`` as a feature source (``PromptProbe.name``;
+    head states of that layer, reported by a worker, carry the same name)."""
+    return f"probe:{served_model}@{layer}"
+
+
 def layer_of(probe_name: str) -> int:
     """The depth a probe name (``PromptProbe.name``, ``probe:<served model>@<layer>``) records."""
     return int(probe_name.rsplit("@", 1)[1])
@@ -68,7 +74,7 @@ class PromptProbe:
         self.model = base.to(device).eval()
         self.device = torch.device(device)
         self.dim = int(base.config.hidden_size)
-        self.name = f"probe:{served_model}@{self.layer}"
+        self.name = probe_name(served_model, self.layer)
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.threads = threads

@@ -86,6 +86,7 @@ class Repredictor:
         self.calibrated_q = quantile
         self.train_rows = 0
         self.state_model: Pipeline | None = None  # runaway probability from a head state
+        self.states: str | None = None  # the layer its head states came from (TrainingSet.states)
 
     def fit(self, rows: Sequence[HeadRow], lengths: Sequence[int],
             states: Sequence[np.ndarray | None] | None = None) -> Repredictor:
@@ -199,6 +200,8 @@ def fit_from_training_set(train: TrainingSet, oob: tuple[np.ndarray, np.ndarray]
         return None
     try:
         with _one_openmp_thread():
-            return Repredictor(quantile, seed).fit(rows, lengths, states)
+            rp = Repredictor(quantile, seed).fit(rows, lengths, states)
     except ValueError:
         return None
+    rp.states = train.states if rp.state_model is not None else None
+    return rp

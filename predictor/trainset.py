@@ -62,9 +62,11 @@ class TrainingSet:
     # the served model's view of each prompt (predictor.probe), (rows, probe dim); None: not probed
     Z: np.ndarray | None = None
     probe: str | None = None  # the probe that made Z (predictor.probe.PromptProbe.name)
-    # the probe's head states (predictor.probe.head_state_means), (rows, len(CHECKPOINTS), probe dim),
-    # float16, NaN where unknown; None: none (an unprobed set, or one from before head states)
+    # head states (predictor.probe.head_state_means), (rows, len(CHECKPOINTS), hidden size), float16,
+    # NaN where unknown; None: none. ``states`` names the layer that made them (probe_name): the
+    # probe's (form probe), or a worker's reports / an offline probe forward (other forms)
     H: np.ndarray | None = None
+    states: str | None = None
 
     def __post_init__(self) -> None:
         self.X = np.ascontiguousarray(self.X, dtype=np.float32).reshape(-1, N_FEATURES)
@@ -83,12 +85,15 @@ class TrainingSet:
             self.Z = np.ascontiguousarray(self.Z, dtype=np.float32)
             if self.Z.ndim != 2 or len(self.Z) != len(self.y):
                 raise ValueError("Z must hold one row of probe features per row")
-        if self.H is not None:
-            if self.Z is None:
-                raise ValueError("head states H need probe features Z")
+        if self.H is None:
+            self.states = None
+        else:
+            self.states = self.states or self.probe  # sets from before ``states``: the probe's
+            if self.states is None:
+                raise ValueError("head states H need the name of the layer that made them (states)")
             self.H = np.asarray(self.H, dtype=np.float16)
-            if self.H.shape != (len(self.y), len(CHECKPOINTS), self.Z.shape[1]):
-                raise ValueError("H must hold (rows, checkpoints, probe dim) head states")
+            if self.H.ndim != 3 or self.H.shape[:2] != (len(self.y), len(CHECKPOINTS)):
+                raise ValueError("H must hold (rows, checkpoints, hidden size) head states")
 
     @staticmethod
     def pack_heads(heads: list[list[int]] | list[Any]) -> np.ndarray:
@@ -119,33 +124,39 @@ class TrainingSet:
 
     def extended(self, X: np.ndarray, y: np.ndarray, apps: list[str],
                  max_tokens: np.ndarray | None = None, heads: np.ndarray | None = None,
-                 Z: np.ndarray | None = None, H: np.ndarray | None = None) -> TrainingSet:
+                 Z: np.ndarray | None = None, H: np.ndarray | None = None,
+                 states: str | None = None) -> TrainingSet:
         """A new training set with the rows appended (the original is left untouched). A probed
         set needs ``Z`` for the new rows; an unprobed one takes none. A set with head states keeps
-        them: the new rows' ``H`` (NaN where unknown, and when not given)."""
+        them: the new rows' ``H`` (NaN where unknown, and when not given); a set without them
+        starts them with these rows' ``H`` (named ``states``; NaN for the rows it had)."""
         caps = np.zeros(len(y)) if max_tokens is None else np.asarray(max_tokens)
         new_heads = np.full((len(y), HEAD_K), -1, dtype=np.int32) if heads is None else heads
         assert self.max_tokens is not None and self.heads is not None
         if (Z is None) != (self.Z is None):
             raise ValueError("probe features must be given exactly when the training set has them")
         new_Z = None if self.Z is None else np.vstack([self.Z, np.asarray(Z, dtype=np.float32)])
-        new_H = None
+        new_H, new_states = None, self.states
         if self.H is not None:
             add = np.full((len(y), *self.H.shape[1:]), np.nan, dtype=np.float16) if H is None else H
             new_H = np.concatenate([self.H, np.asarray(add, dtype=np.float16)])
+        elif H is not None and states is not None:
+            old = np.full((len(self), *np.shape(H)[1:]), np.nan, dtype=np.float16)
+            new_H, new_states = np.concatenate([old, np.asarray(H, dtype=np.float16)]), states
         return TrainingSet(self.embedder, self.dim, np.vstack([self.X, np.asarray(X, dtype=np.float32)]),
                            np.concatenate([self.y, np.asarray(y, dtype=np.float32)]),
                            self.apps + list(apps), self.feature_version, self.served_model,
                            np.concatenate([self.max_tokens, caps.astype(np.float32)]),
                            np.vstack([self.heads, np.asarray(new_heads, dtype=np.int32).reshape(-1, HEAD_K)]),
-                           new_Z, self.probe, new_H)
+                           new_Z, self.probe, new_H, new_states)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays (no pickled objects) with the metadata as a JSON string."""
         uniq = list(dict.fromkeys(self.apps))
         index = {a: i for i, a in enumerate(uniq)}
         meta = {"format": _FORMAT, "embedder": self.embedder, "dim": self.dim,
-                "feature_version": self.feature_version, "served_model": self.served_model, "probe": self.probe}
+                "feature_version": self.feature_version, "served_model": self.served_model, "probe": self.probe,
+                "states": self.states}
         probed = {} if self.Z is None else {"Z": self.Z}
         if self.H is not None:
             probed["H"] = self.H
@@ -167,7 +178,7 @@ class TrainingSet:
         return cls(meta["embedder"], int(meta["dim"]), arrs["X"], arrs["y"], apps,
                    int(meta["feature_version"]), meta.get("served_model"), caps, heads,
                    arrs["Z"] if probe is not None else None, probe,
-                   arrs["H"] if probe is not None and "H" in arrs else None)
+                   arrs["H"] if "H" in arrs else None, meta.get("states"))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write an ``.npz`` file atomically (temporary file, then rename)."""

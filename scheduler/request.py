@@ -101,7 +101,9 @@ class Request:
     preemptions: int = 0  # times it was preempted (put back to wait while running)
     head_ids: list[int] = field(default_factory=list, repr=False)  # its first generated tokens, as reported
     reprediction: Prediction | None = None  # re-estimated from head_ids while it runs (total length)
-    head_state: list[float] | None = None  # the worker's head state at its last checkpoint (probe predictor)
+    head_state: list[float] | None = None  # the worker's head state at its last checkpoint
+    # every head state reported, by checkpoint (the predictor learns from them when it finishes)
+    head_states: dict[int, list[float]] = field(default_factory=dict, repr=False)
 
     @property
     def estimate(self) -> Prediction | None:

@@ -14,7 +14,7 @@ from scheduler.costmodel import ModelProfile, get_hardware
 from scheduler.factory import policy_class
 from scheduler.memory import MemoryModel
 from scheduler.request import Request
-from service.model import ModelInfo
+from service.model import ModelInfo, state_layer, worker_mode
 from service.settings import Settings
 from worker.loader import device_kind
 
@@ -140,7 +140,7 @@ class Learners:
 
     def observe(self, req: Request) -> None:
         """Blocking (run it in a thread): a completed request teaches the predictor."""
-        self.predictor.observe(_item(req), req.output_tokens, req.prediction, req.head_ids)
+        self.predictor.observe(_item(req), req.output_tokens, req.prediction, req.head_ids, req.head_states)
 
 
 def build(settings: Settings, info: ModelInfo) -> Learners:
@@ -158,14 +158,16 @@ def build(settings: Settings, info: ModelInfo) -> Learners:
     if sched.estimator is not None:
         sched.estimator.kind = device_kind(info.device)  # the local workers' kind: the persisted state's
     learners = Learners(sched, settings=settings, profile=served_profile(settings.policy, model))
-    if policy_class(settings.policy).needs_prediction:
-        learners.predictor = _predictor(settings, info.name, info.local_dir)
+    policy = policy_class(settings.policy)
+    if policy.needs_prediction:
+        layer = state_layer(settings, info, True, worker_mode(policy.runner, settings.continuous_runner))
+        learners.predictor = _predictor(settings, info.name, info.local_dir, layer)
     mem = sched.memory
     log.info("policy %s: Delta=%.0f B/token, Theta=%.2f GiB", sched.policy.name, mem.delta, mem.theta / 1024**3)
     return learners
 
 
-def _predictor(settings: Settings, served_model: str, model_dir: str):
+def _predictor(settings: Settings, served_model: str, model_dir: str, layer: int | None):
     from predictor.predictor import LengthPredictor, PredictorConfig
 
     cfg = PredictorConfig(
@@ -178,6 +180,7 @@ def _predictor(settings: Settings, served_model: str, model_dir: str):
         served_model=served_model,
         probe_model_dir=model_dir,
         probe_layer=settings.predictor_probe_layer,
+        state_layer=layer,
         embed_threads=1,  # the embedder shares the CPU with the workers; one thread is faster there
         retrain_in_subprocess=True,  # the fit must not take the workers' CPU or the event loop's GIL
     )

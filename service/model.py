@@ -105,9 +105,9 @@ def worker_configs(settings: Settings, info: ModelInfo) -> list[WorkerConfig]:
 
 
 def state_layer(settings: Settings, info: ModelInfo, needs_prediction: bool, mode: str) -> int | None:
-    """The decoder layer whose head states an iteration worker reports: the probe predictor's layer
-    when a predictive policy runs with that form on the iteration runner (its re-predictor reads
-    them), else None (nothing captured)."""
-    if not needs_prediction or mode != "iteration" or settings.predictor_form != "probe":
+    """The decoder layer whose head states an iteration worker reports: for a predictive policy on
+    the iteration runner (its re-predictor reads them), the probe layer (``--predictor-probe-layer``
+    or the default depth), whatever the predictor's form; else None (nothing captured)."""
+    if not needs_prediction or mode != "iteration" or not settings.head_states:
         return None
     return settings.predictor_probe_layer or default_layer(int(info.config.num_hidden_layers))

@@ -166,7 +166,15 @@ def test_repredictor_learns_runaways_from_head_states_and_falls_back_without_the
                        Z=np.zeros((2, 16)))
     assert np.isnan(more.H[n:]).all() and np.allclose(more.H[:n], states, atol=1e-2)
     with pytest.raises(ValueError, match="head states"):
-        TrainingSet("e", 8, np.zeros((n, N_FEATURES)), lengths, ["a"] * n, H=states)
+        TrainingSet("e", 8, np.zeros((n, N_FEATURES)), lengths, ["a"] * n, H=states)  # made by what?
+    # an unprobed set with a worker layer's states (the mixture form), and one that gains them
+    ts = TrainingSet("e", 8, np.zeros((n, N_FEATURES)), lengths, ["a"] * n, H=states, states="probe:m@3")
+    ts.save(tmp_path / "u.npz")
+    assert TrainingSet.load(tmp_path / "u.npz").states == "probe:m@3"
+    bare = TrainingSet("e", 8, np.zeros((2, N_FEATURES)), [5, 6], ["a"] * 2)
+    grown = bare.extended(np.zeros((n, N_FEATURES)), np.array(lengths), ["a"] * n, H=states, states="probe:m@3")
+    assert grown.states == "probe:m@3" and np.isnan(grown.H[:2]).all()
+    assert np.allclose(grown.H[2:], states, atol=1e-2)
 
 
 class _Recorder:
@@ -195,6 +203,7 @@ def test_core_repredicts_at_checkpoints_and_pcb_uses_it() -> None:
     assert req.head_state is None
     core.update_progress(0, [RowProgress("a", 16, False, list(range(16)), [0.5, -1.0])], 1.2)
     assert req.head_state == [0.5, -1.0]  # the worker's head state goes to the re-prediction with the head
+    assert req.head_states == {16: [0.5, -1.0]}  # and is kept by checkpoint (the predictor learns from it)
     assert remaining_tokens(req) == 5  # the re-prediction (21 total, 16 generated), not the arrival 200
     core.update_progress(0, [RowProgress("a", 80, False, [])], 1.3)  # past the head: nothing new
     assert hook.calls == [["a"], ["a"]]

@@ -5,6 +5,7 @@ tokenizer, the bundled embedder, scikit-learn."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -160,10 +161,52 @@ def test_probe_form_learns_continually_and_refuses_another_probe(tiny_model_dir:
         PredictorConfig(form="probe")
 
 
-def test_a_pcb_server_repredicts_from_the_workers_head_states(tiny_model_dir: str, tmp_path: Path,
+def test_the_mixture_form_learns_from_the_head_states_workers_report(embedder: Embedder, tmp_path: Path) -> None:
+    """No probe in the front end: the head states come with the finished requests (as the worker
+    reported them at each checkpoint), the re-predictor learns runaways from them, and a predictor
+    whose workers report another layer neither learns from those rows nor reads the states."""
+    from predictor.repredict import HeadRow
+
+    def make(layer: int) -> LengthPredictor:
+        cfg = PredictorConfig(form="mixture", served_model="tiny", state_layer=layer, min_train=20,
+                              model_path=str(tmp_path / "m.joblib"), train_set_path=str(tmp_path / "t.npz"))
+        return LengthPredictor(cfg, embedder=embedder)
+
+    rng = np.random.default_rng(0)
+    pred = make(1)
+    data = rows(80, 0)
+    for i, r in enumerate(data):
+        ran = i % 4 == 0  # both applications have runaways: only the states tell which
+        r["output_tokens"] = 64 if ran else int(rng.integers(40, 60))
+        states = {k: (rng.normal(size=8) + (3.0 if ran else 0.0)).tolist() for k in CHECKPOINTS if k < r["output_tokens"]}
+        head = rng.integers(100, 5000, min(64, r["output_tokens"])).tolist()
+        pred.observe(as_input(r), r["output_tokens"], None, head, states if i % 10 else None)
+    assert pred.retrain_if_due(0.0)
+    train = TrainingSet.load(tmp_path / "t.npz")
+    assert train.states == "probe:tiny@1" and train.H.shape == (80, len(CHECKPOINTS), 8)
+    assert np.isnan(train.H[0]).all() and np.isfinite(train.H[1, 0]).all()  # row 0 reported none
+    rp = load_length_model(tmp_path / "m.joblib").repredictor
+    assert rp.state_model is not None and rp.states == "probe:tiny@1"
+    ran = np.array([i % 2 == 0 for i in range(40)])
+    test = [HeadRow(0.3, 50.0, 5, 64, rng.integers(100, 5000, 32).tolist(),
+                    (rng.normal(size=8) + (3.0 if x else 0.0)).tolist()) for x in ran]
+    p = np.array([x.p_runaway for x in pred.repredict(test)])
+    assert roc_auc_score(ran, p) > 0.9
+    assert pred.stats()["repredictions_with_state"] == 40
+    other = make(2)  # its workers report layer 2: layer 1's states are not theirs
+    assert other.stats()["train_size"] == 80 and TrainingSet.load(tmp_path / "t.npz").states == "probe:tiny@1"
+    assert other._train.H is None
+    p_other = np.array([x.p_runaway for x in other.repredict(test)])
+    blind = np.array([x.p_runaway for x in other.repredict([dataclasses.replace(t, state=None) for t in test])])
+    np.testing.assert_allclose(p_other, blind)
+
+
+@pytest.mark.parametrize("form", ["probe", "mixture"])
+def test_a_pcb_server_repredicts_from_the_workers_head_states(form: str, tiny_model_dir: str, tmp_path: Path,
                                                               server_factory) -> None:
-    """Trained with first tokens (so its re-predictor has a head-state model), a probe-form file
-    served by pcb on the iteration runner: the worker's head states reach the re-predictor."""
+    """Trained with first tokens and their head states (so its re-predictor has a head-state model),
+    a file of either form served by pcb on the iteration runner: the worker's head states reach the
+    re-predictor (the mixture form runs no probe in the front end; the worker reports the states)."""
     rng = np.random.default_rng(0)
     data = rows(40, 0)
     for i, r in enumerate(data):
@@ -173,11 +216,12 @@ def test_a_pcb_server_repredicts_from_the_workers_head_states(tiny_model_dir: st
     with open(tmp_path / "heads.jsonl", "w") as f:
         f.writelines(json.dumps({"id": r["id"], "head_ids": rng.integers(100, 5000, min(64, r["output_tokens"])).tolist()})
                      + "\n" for r in data)
-    assert cli_main(["predictor", "train", "--form", "probe", "--probe-model", tiny_model_dir, "--probe-layer", "1",
+    assert cli_main(["predictor", "train", "--form", form, "--probe-model", tiny_model_dir, "--probe-layer", "1",
                      "--served-model", "tiny", "--from-jsonl", str(tmp_path / "train.jsonl"),
                      "--heads", str(tmp_path / "heads.jsonl"), "--out", str(tmp_path / "p.joblib")]) == 0
-    assert load_length_model(tmp_path / "p.joblib").repredictor.state_model is not None
-    srv = server_factory(tiny_model_dir, policy="pcb", served_model_name="tiny", predictor_form="probe",
+    rp = load_length_model(tmp_path / "p.joblib").repredictor
+    assert rp.state_model is not None and rp.states == "probe:tiny@1"
+    srv = server_factory(tiny_model_dir, policy="pcb", served_model_name="tiny", predictor_form=form,
                          predictor_probe_layer=1, predictor_model=tmp_path / "p.joblib")
     client = OpenAI(base_url=srv.base_url + "/v1", api_key="x")
     for r in rows(2, 3):

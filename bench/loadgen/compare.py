@@ -260,11 +260,11 @@ def train_predictor(truth: Path, out: Path, heads: Path | None = None, form: str
                     model: str = "default") -> Path:
     """Train a length predictor of ``form`` with ``magnus predictor train --from-jsonl`` (a
     subprocess); with ``heads``, its re-predictor too (``--heads``). The probe form probes the
-    served ``model``."""
+    served ``model``; the mixture with ``heads`` reads its head states (as a server's worker reports them)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "magnus", "predictor", "train", "--from-jsonl", str(truth), "--out", str(out),
            "--form", form]
-    if form == "probe":
+    if form == "probe" or (form == "mixture" and heads is not None):
         from worker.loader import resolve
 
         cmd += ["--probe-model", model, "--served-model", resolve(model).name]

@@ -143,12 +143,14 @@ class PolicyParams:
     max_batch_size: int | None = None
     reserve_frac: float = 0.1  # Theta = device memory x (1 - reserve) - weights
     estimator_interval_s: float = 120.0
+    swap_factor: float | None = None  # pcb's order-swap preemption threshold
 
 
 def build_policy(name: str, setup: CostSetup, params: PolicyParams) -> Policy:
     """The policy as the server builds it (``scheduler.builder``), with Theta from the cost model
     of its workers and the analytical profile as the estimator's prior."""
     settings = PolicySettings(name, params.batch_size, params.max_wait, params.min_wait, params.phi,
-                              params.max_batch_size, params.estimator_interval_s)
+                              params.max_batch_size, params.estimator_interval_s,
+                              swap_factor=params.swap_factor)
     return build_scheduler(settings, setup.model, setup.hw, reserve_frac=params.reserve_frac,
                            prior=setup.prior_hw).policy
