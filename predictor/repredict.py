@@ -10,10 +10,13 @@ calibrated on cross-validated predictions. Features: the arrival runaway probabi
 estimate (out-of-bag on training rows), input length, ``max_tokens`` and ``predictor.head``'s
 repetition measures. Both models predict in about a millisecond for a few dozen rows.
 
-**Head states** (TRAIL-style, when the training rows have them: the probe form): the served model's
-own view of the generation so far, the mean of the probe layer's hidden states from the prompt's
-last token through the last generated one (``predictor.probe.head_state_means``; the iteration
-worker reports it at each checkpoint at no extra forward). A logistic regression on it (L2, its
+**Head states** (TRAIL-style, any form, when the training rows have them): the served model's own
+view of the generation so far, the mean of one layer's hidden states from the prompt's last token
+through the last generated one (``predictor.probe.head_state_means``; the iteration worker reports
+it at each checkpoint at no extra forward). Training rows get them from an offline forward (the
+CLI's ``--probe-model``; the probe form's own probe) or, in a server, from what the workers
+reported for the requests it served; ``states`` names the layer, and states of another layer are
+not read. A logistic regression on it (L2, its
 penalty chosen by its out-of-fold AUC, folds grouped by request) gives the runaway probability of
 a row that comes with a state; a row without one is scored by the gradient-boosted classifier.
 (Measured on the test split: the state model alone ranks runaways better than the boosted
