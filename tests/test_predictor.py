@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
 from predictor import (
     LengthPredictor,
@@ -454,8 +455,8 @@ def test_the_re_predictor_learns_from_the_first_tokens_of_served_requests(embedd
 
 
 def test_retraining_in_a_lowest_priority_child_process(embedder: Embedder) -> None:
-    """The server's retrain runs in a spawned child at nice 19 and yields the same model as a
-    retrain on the caller's thread (same rows, same seed)."""
+    """The server's retrain runs in a spawned child at nice 19 with one thread per math library and
+    yields the same model as a retrain on the caller's thread (same rows, same seed)."""
     rows = make_rows(30, seed=4)
     probe = [to_input(r) for r in make_rows(6, seed=11)]
     results = []
@@ -470,6 +471,8 @@ def test_retraining_in_a_lowest_priority_child_process(embedder: Embedder) -> No
             pool = refitter._pool
             assert pool is not None
             assert pool.submit(os.nice, 0).result() == 19  # the child's priority
+            pools = pool.submit(threadpool_info).result()  # BLAS and OpenMP: one thread, none to spin
+            assert pools and all(p["num_threads"] == 1 for p in pools)
             assert pool.submit(os.getpid).result() != os.getpid()
         else:
             assert refitter._pool is None
