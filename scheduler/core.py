@@ -233,7 +233,6 @@ class SchedulerCore:
             if r is not None and r.status == RequestStatus.RUNNING and r.worker == worker:
                 r.generated, r.looping = p.generated, r.looping or p.looping
                 if p.state is not None:  # the state of the last checkpoint its tokens passed
-                    r.head_state = p.state
                     r.head_states[last_checkpoint(p.generated)] = p.state
                 if last_checkpoint(len(p.head_ids)) > last_checkpoint(len(r.head_ids)):
                     r.head_ids = list(p.head_ids)

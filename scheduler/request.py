@@ -101,9 +101,13 @@ class Request:
     preemptions: int = 0  # times it was preempted (put back to wait while running)
     head_ids: list[int] = field(default_factory=list, repr=False)  # its first generated tokens, as reported
     reprediction: Prediction | None = None  # re-estimated from head_ids while it runs (total length)
-    head_state: list[float] | None = None  # the worker's head state at its last checkpoint
-    # every head state reported, by checkpoint (the predictor learns from them when it finishes)
+    # the worker's head states by checkpoint (re-prediction reads the last; the predictor learns from all)
     head_states: dict[int, list[float]] = field(default_factory=dict, repr=False)
+
+    @property
+    def head_state(self) -> list[float] | None:
+        """The head state of the last checkpoint reported (None: none yet)."""
+        return self.head_states[max(self.head_states)] if self.head_states else None
 
     @property
     def estimate(self) -> Prediction | None:
