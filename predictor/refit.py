@@ -7,7 +7,10 @@ grid run every stream stalled 3.6 s at once, about when its first retrain was du
 (``bench/results/interference_busy_cpu.md``): one CPU-bound thread beside a decoding worker makes
 its steps 3.44x slower at normal priority, 0.96x at ``nice 19`` (1.22x in
 ``interference_cpu.md``). In a child at ``nice 19`` a retrain takes longer (60-104 s under load
-in ``compare_pcb_refit_cpu``) but barely slows decoding, and never blocks the event loop.
+in ``compare_pcb_refit_cpu``) and never blocks the event loop, but it still slows decoding on a
+2-core machine: at 0.5 req/s pcb's mean was 1.20-1.22x with a retrain during the run than without
+(``bench/results/compare_pcb_retrain*_r05_cpu.md``), also after the child's math libraries were
+put on one thread each (below; no measurable change).
 """
 
 from __future__ import annotations
