@@ -205,13 +205,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if probe is not None:
         Z, H = probe.encode_with_heads([r.app_text for r in fit_rows], [r.user_text for r in fit_rows],
                                        [heads[r.id] for r in fit_rows] if args.heads else None)
-    probed = args.form == "probe"
+    z_probe = probe if args.form == "probe" else None  # whose prompt features the model reads
     train = TrainingSet(embedder.name, embedder.dim, X, np.array([r.output_tokens for r in fit_rows]),
                         [r.app_text for r in fit_rows], served_model=args.served_model,
                         max_tokens=np.array([r.max_tokens or 0 for r in fit_rows]),
                         heads=TrainingSet.pack_heads([heads.get(r.id, []) for r in fit_rows]),
-                        Z=Z if probed else None, probe=probe.name if probed and probe else None, H=H,
-                        states=probe.name if H is not None and probe else None)
+                        Z=None if z_probe is None else Z, probe=None if z_probe is None else z_probe.name,
+                        H=H, states=None if probe is None else probe.name)
     forest: LengthForest | RunawayMixture
     if args.form == "paper":
         forest = LengthForest.fit(train, params, show_progress=True)
@@ -233,7 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     forest.save(args.out)
     metrics = ", ".join(f"{k} {v:.3g}" for k, v in forest.meta.metrics.items())
     elapsed = time.perf_counter() - started
-    reads = embedder.name if not probed or probe is None else f"{probe.name} (and {embedder.name} for the stored rows)"
+    reads = embedder.name if z_probe is None else f"{z_probe.name} (and {embedder.name} for the stored rows)"
     if H is not None and probe is not None:
         reads += f", head states of {probe.name}"
     print(f"trained on {len(train)} rows with {reads} in {elapsed:.1f}s: {metrics}")

@@ -40,18 +40,11 @@ def fit_models(cfg: PredictorConfig, train: TrainingSet, head_rows: int) -> tupl
     return model, fresh
 
 
-def _fit_one_thread(cfg: PredictorConfig, train: TrainingSet, head_rows: int) -> tuple[Any, Repredictor | None]:
-    """``fit_models`` with every math library loaded by then on one thread (the child's job)."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        return fit_models(cfg, train, head_rows)
-
-
 def _lowest_priority() -> None:
     """The child's initializer: ``nice 19``, and one thread in every math library it loaded (BLAS
     and OpenMP pools size themselves to the cores; their idle threads spin, and a spinning thread
-    beside the decoding worker stalls its steps even at ``nice 19``)."""
+    beside the decoding worker stalls its steps even at ``nice 19``). Importing this module loaded
+    every library a fit uses (numpy, scipy and scikit-learn)."""
     os.nice(19)
     from threadpoolctl import threadpool_limits
 
@@ -75,7 +68,7 @@ class Refitter:
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_lowest_priority)
         try:
-            return self._pool.submit(_fit_one_thread, cfg, train, head_rows).result()
+            return self._pool.submit(fit_models, cfg, train, head_rows).result()
         except BrokenProcessPool:
             log.warning("the retraining process died; a new one starts at the next retrain")
             self.close()
