@@ -8,7 +8,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,10 +66,15 @@ class PredictorConfig:
     app_cache_size: int = 1024  # LRU entries for application-text embeddings
     served_model: str | None = None  # the served LLM; learned state for another one is not reused
     retrain_in_subprocess: bool = False  # fit in a spawned child at nice 19 (the server), not on a thread
+    # with a ``busy`` hook (the server: its workers have requests), a due retrain waits for idle
+    # workers, and its child is paused while they are busy, at most this long after it fell due
+    max_defer_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.retrain_interval_s <= 0:
             raise ValueError("retrain_interval_s must be > 0")
+        if self.max_defer_s < 0:
+            raise ValueError("max_defer_s must be >= 0")
         if self.err_abs < 0 or self.err_rel < 0:
             raise ValueError("err_abs and err_rel must be >= 0")
         if self.min_train < 1:
@@ -203,9 +208,12 @@ class LengthPredictor:
         for app, y in zip(train.apps, train.y, strict=True):
             self._remember(app, int(y))
         self._last_check: float | None = None
+        self._due_since: float | None = None  # when the due retrain began waiting for idle workers
+        # the server's hook: true while its workers have requests (see PredictorConfig.max_defer_s)
+        self.busy: Callable[[], bool] | None = None
         self._train_dirty = False
         self._model_dirty = False
-        self._phase = 0  # 0 idle, 1 embedding new rows, 2 fitting a forest
+        self._phase = 0  # 0 idle, 1 embedding new rows, 2 fitting a forest, 4 due but waiting for idle workers
         self._counts = {"observed": 0, "selected": 0, "retrains": 0, "fallback_predictions": 0,
                         "forest_predictions": 0, "repredictions": 0, "repredictions_with_state": 0}
         self._recent: deque[tuple[float, bool, bool]] = deque(maxlen=_RECENT)  # (abs error, flagged, ran away)
@@ -393,18 +401,29 @@ class LengthPredictor:
         """If ``retrain_interval_s`` has passed since the last check (or this is the first) and
         requests were selected since, add them to the training set and, once it holds
         ``min_train`` rows, fit a new forest (blocking) and swap it in. True if it swapped.
-        (A training set already large enough with no forest, e.g. after a restart, also trains.)"""
+        (A training set already large enough with no forest, e.g. after a restart, also trains.)
+        With ``busy`` set and ``cfg.max_defer_s`` > 0, a due retrain of a trained predictor waits
+        while ``busy()`` says the workers have requests, and its fit is paused whenever they do,
+        until ``max_defer_s`` after it fell due; the first model is fitted at once."""
         if not self._retrain_lock.acquire(blocking=False):
             return False  # another retrain is running
         try:
             with self._lock:
                 if self._last_check is not None and now - self._last_check < self.cfg.retrain_interval_s:
                     return False
-                self._last_check = now
                 untrained_but_ready = self._model is None and len(self._train) >= self.cfg.min_train
                 if not self._pending and not untrained_but_ready:
+                    self._last_check = now
                     return False
+                if self._due_since is None:
+                    self._due_since = now
+                deferrable = self.cfg.max_defer_s - (now - self._due_since) if self._model is not None else 0.0
+                if self.busy is not None and deferrable > 0 and self.busy():
+                    self._phase = 4  # due, waiting for idle workers
+                    return False
+                self._last_check, self._due_since = now, None
                 self._phase = 1
+            pause_until = time.monotonic() + deferrable
             try:
                 self._absorb_pending()
                 with self._lock:
@@ -419,7 +438,11 @@ class LengthPredictor:
                 # learn it again once the rows with first tokens are enough, and no fewer than the
                 # one there is was fitted on (an offline re-predictor is not replaced by a smaller one)
                 need = max(MIN_HEAD_ROWS, old.train_rows if old is not None else 0)
-                forest, fresh = self._refitter.fit(self.cfg, train, need)
+                busy = self.busy
+                forest, fresh = self._refitter.fit(
+                    self.cfg, train, need,
+                    pause=None if busy is None else lambda: (not self._stop.is_set() and time.monotonic() < pause_until
+                                                             and busy()))
                 with self._lock:
                     forest.repredictor = fresh if fresh is not None else old
                     self._model = forest
@@ -482,7 +505,8 @@ class LengthPredictor:
             return self._model is not None
 
     def stats(self) -> dict[str, float]:
-        """Counters and gauges. ``retraining``: 0 idle, 1 embedding new rows, 2 fitting a forest.
+        """Counters and gauges. ``retraining``: 0 idle, 1 embedding new rows, 2 fitting a forest, 3 the
+        fit paused while the workers are busy, 4 due but waiting for idle workers.
         ``last_mae``: out-of-bag MAE of the current forest; ``online_mae``: MAE of the (capped)
         predictions of all observed requests. No NaN: -1.0 means not known yet."""
         with self._lock:
@@ -491,7 +515,7 @@ class LengthPredictor:
             out: dict[str, float] = {k: float(v) for k, v in self._counts.items()}
             out.update({
                 "trained": float(forest is not None),
-                "retraining": float(self._phase),
+                "retraining": 3.0 if self._refitter.paused else float(self._phase),
                 "train_size": float(len(self._train)),
                 "pending": float(len(self._pending)),
                 "last_mae": forest.meta.metrics.get("oob_mae", -1.0) if forest is not None else -1.0,

@@ -39,8 +39,10 @@ async def _load(state: AppState) -> None:
             configs, factory = rw.configs(), rw.factory()
         engine = Engine(built.policy, configs, state.request_log, state.metrics, state.info.name, observe=observe,
                         handle_factory=factory, worker_theta=built.worker_theta)
-        if built.predictor is not None and built.predictor.can_repredict and built.policy.continuous:
-            engine.core.repredict = built.repredict
+        if built.predictor is not None:
+            built.predictor.busy = lambda: engine.pending > 0  # retrain while the workers are idle
+            if built.predictor.can_repredict and built.policy.continuous:
+                engine.core.repredict = built.repredict
         await engine.start()
         state.metrics.bind_learners(built.predictor.stats if built.predictor is not None else None, built.estimator)
         built.start(settings.estimator_interval_s)

@@ -177,6 +177,7 @@ def _predictor(settings: Settings, served_model: str, model_dir: str, layer: int
         model_is_explicit=settings.predictor_model is not None,
         train_set_path=str(settings.state_dir / "predictor_trainset.npz"),
         retrain_interval_s=settings.predictor_interval_s,
+        max_defer_s=settings.predictor_max_defer_s,
         served_model=served_model,
         probe_model_dir=model_dir,
         probe_layer=settings.predictor_probe_layer,

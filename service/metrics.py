@@ -178,7 +178,9 @@ class Metrics:
                                                         "(-1: none ran away)"),
                              ("repredictions", "running requests re-predicted from their first tokens"),
                              ("repredictions_with_state", "of those, re-predicted with the worker's head state "
-                                                          "(probe form on the iteration runner)"),
+                                                          "(iteration runner)"),
+                             ("retraining", "0 idle, 1 embedding new rows, 2 fitting, 3 fit paused while the "
+                                            "workers are busy, 4 due but waiting for idle workers"),
                              ("last_retrain_s", "seconds the last retraining's fit took (-1: none yet)")):
                 g = Gauge(f"magnus_predictor_{key}", doc, registry=self.registry)
                 g.set_function(lambda k=key: float(predictor_stats().get(k, -1.0)))

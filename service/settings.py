@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     head_states: bool = Field(True, description="predictive policies on the iteration runner: the worker reports the mean hidden state of the probe layer at each re-prediction checkpoint, and the re-predictor learns runaways from them (no extra forward)")
     prediction_scale: float = Field(1.0, gt=0, description="fault injection: every length prediction (point and high) is multiplied by this before scheduling, to test wrong predictions (1 = off)")
     predictor_interval_s: float = Field(180.0, description="continual learning period of the length predictor")
+    predictor_max_defer_s: float = Field(1800.0, ge=0, description="the longest a due retrain of the length predictor waits for the workers to be idle (no request running or waiting); its fit, in a child process, is paused while they are busy until then (0: retrain whenever due)")
     estimator_interval_s: float = Field(120.0, description="continual learning period of the batch-time estimator")
     state_dir: Path = Field(DATA_DIR / "state", description="learners' persisted state")
     # request log

@@ -479,3 +479,62 @@ def test_retraining_in_a_lowest_priority_child_process(embedder: Embedder) -> No
         pred.stop()
         assert refitter._pool is None  # stop ends the child
     assert results[0] == results[1]
+
+
+def _proc_state(pid: int) -> str:
+    """The process's state letter from /proc (T: stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_due_retrain_waits_for_idle_workers_and_its_child_pauses_while_they_are_busy(embedder: Embedder) -> None:
+    """With the server's busy hook: the first model is fitted at once; a later due retrain waits
+    while the workers are busy (until max_defer_s after it fell due), and its child is stopped
+    while they are busy during the fit, then goes on and swaps the model in."""
+    pred = LengthPredictor(cfg(retrain_in_subprocess=True, retrain_interval_s=100, max_defer_s=1000),
+                           embedder=embedder)
+    busy = {"now": True, "gate_open": False}
+
+    def hook() -> bool:
+        if busy["gate_open"]:  # idle once, at the gate; busy again while the fit runs
+            busy["gate_open"] = False
+            return False
+        return busy["now"]
+
+    pred.busy = hook
+    try:
+        for r in make_rows(30, seed=4):
+            pred.observe(to_input(r), r["output_tokens"], None)
+        assert pred.retrain_if_due(0.0) is True  # the first model does not wait
+        for r in make_rows(40, seed=6):  # badly predicted: they join the next retrain
+            pred.observe(to_input(r), r["output_tokens"] + 40, Prediction(1, 1, "forest"))
+        assert pred.retrain_if_due(100.0) is False and pred.retrain_if_due(700.0) is False
+        assert pred.stats()["retraining"] == 4 and pred.stats()["retrains"] == 1
+        assert pred.stats()["pending"] == 40
+
+        busy["gate_open"] = True
+        result: list[bool] = []
+        worker = threading.Thread(target=lambda: result.append(pred.retrain_if_due(800.0)))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not pred._refitter.paused and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pid = pred._refitter._pid
+        assert worker.is_alive() and pid is not None, "the fit ended before its first pause check"
+        assert _proc_state(pid) == "T" and pred.stats()["retraining"] == 3
+        time.sleep(0.5)
+        assert worker.is_alive() and pred.stats()["retrains"] == 1  # stopped: no progress
+        assert _proc_state(pid) == "T"
+        busy["now"] = False
+        worker.join(60)
+        assert result == [True] and pred.stats()["retrains"] == 2 and pred.stats()["train_size"] == 70
+        assert not pred._refitter.paused and _proc_state(pid) != "T"
+
+        # past max_defer_s a due retrain runs although the workers stay busy, and is not paused
+        for r in make_rows(20, seed=8):
+            pred.observe(to_input(r), r["output_tokens"] + 40, Prediction(1, 1, "forest"))
+        busy["now"] = True
+        assert pred.retrain_if_due(900.0) is False
+        assert pred.retrain_if_due(1950.0) is True and pred.stats()["retrains"] == 3
+    finally:
+        pred.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -201,12 +202,8 @@ def test_the_mixture_form_learns_from_the_head_states_workers_report(embedder: E
     np.testing.assert_allclose(p_other, blind)
 
 
-@pytest.mark.parametrize("form", ["probe", "mixture"])
-def test_a_pcb_server_repredicts_from_the_workers_head_states(form: str, tiny_model_dir: str, tmp_path: Path,
-                                                              server_factory) -> None:
-    """Trained with first tokens and their head states (so its re-predictor has a head-state model),
-    a file of either form served by pcb on the iteration runner: the worker's head states reach the
-    re-predictor (the mixture form runs no probe in the front end; the worker reports the states)."""
+def _train_with_heads(form: str, tiny_model_dir: str, tmp_path: Path) -> Path:
+    """A model file of ``form`` trained on 40 rows with first tokens and their layer-1 head states."""
     rng = np.random.default_rng(0)
     data = rows(40, 0)
     for i, r in enumerate(data):
@@ -219,10 +216,24 @@ def test_a_pcb_server_repredicts_from_the_workers_head_states(form: str, tiny_mo
     assert cli_main(["predictor", "train", "--form", form, "--probe-model", tiny_model_dir, "--probe-layer", "1",
                      "--served-model", "tiny", "--from-jsonl", str(tmp_path / "train.jsonl"),
                      "--heads", str(tmp_path / "heads.jsonl"), "--out", str(tmp_path / "p.joblib")]) == 0
-    rp = load_length_model(tmp_path / "p.joblib").repredictor
+    return tmp_path / "p.joblib"
+
+
+def _gauge(metrics: str, name: str) -> float:
+    return float(re.search(rf"^{name} (\S+)$", metrics, re.M).group(1))
+
+
+@pytest.mark.parametrize("form", ["probe", "mixture"])
+def test_a_pcb_server_repredicts_from_the_workers_head_states(form: str, tiny_model_dir: str, tmp_path: Path,
+                                                              server_factory) -> None:
+    """Trained with first tokens and their head states (so its re-predictor has a head-state model),
+    a file of either form served by pcb on the iteration runner: the worker's head states reach the
+    re-predictor (the mixture form runs no probe in the front end; the worker reports the states)."""
+    path = _train_with_heads(form, tiny_model_dir, tmp_path)
+    rp = load_length_model(path).repredictor
     assert rp.state_model is not None and rp.states == "probe:tiny@1"
     srv = server_factory(tiny_model_dir, policy="pcb", served_model_name="tiny", predictor_form=form,
-                         predictor_probe_layer=1, predictor_model=tmp_path / "p.joblib")
+                         predictor_probe_layer=1, predictor_model=path)
     client = OpenAI(base_url=srv.base_url + "/v1", api_key="x")
     for r in rows(2, 3):
         out = client.chat.completions.create(model="tiny", max_tokens=40, temperature=0,
@@ -230,9 +241,42 @@ def test_a_pcb_server_repredicts_from_the_workers_head_states(form: str, tiny_mo
                                                        {"role": "user", "content": r["input"]}])
         assert out.usage.completion_tokens == 40  # the random model does not end: checkpoints 8..32 pass
     metrics = httpx.get(srv.base_url + "/metrics").text
-    with_state = float(re.search(r"^magnus_predictor_repredictions_with_state (\S+)$", metrics, re.M).group(1))
-    total = float(re.search(r"^magnus_predictor_repredictions (\S+)$", metrics, re.M).group(1))
+    with_state = _gauge(metrics, "magnus_predictor_repredictions_with_state")
+    total = _gauge(metrics, "magnus_predictor_repredictions")
     assert with_state >= 2 and with_state == total  # every re-prediction had the worker's head state
+
+
+def test_a_server_retrains_its_predictor_only_while_its_workers_are_idle(tiny_model_dir: str, tmp_path: Path,
+                                                                         server_factory) -> None:
+    """A trained predictor's due retrain waits while a request runs (retraining gauge 4) and runs
+    once the workers are idle (--predictor-max-defer-s, default 1800 s)."""
+    path = _train_with_heads("mixture", tiny_model_dir, tmp_path)
+    srv = server_factory(tiny_model_dir, policy="pcb", served_model_name="tiny", predictor_probe_layer=1,
+                         predictor_model=path, predictor_interval_s=0.5, step_delay_s=0.04)
+    client = OpenAI(base_url=srv.base_url + "/v1", api_key="x")
+
+    def ask(max_tokens: int, i: int = 0) -> int:
+        r = rows(2, 5)[i]  # 0: an 'echo' request (predicted to run away), 1: a 'sum' one (predicted short)
+        out = client.chat.completions.create(model="tiny", max_tokens=max_tokens, temperature=0,
+                                             messages=[{"role": "system", "content": r["instruction"]},
+                                                       {"role": "user", "content": r["input"]}])
+        return out.usage.completion_tokens
+
+    long = threading.Thread(target=ask, args=(220,))  # ~9 s of decoding at 0.04 s a step
+    long.start()
+    assert ask(100, 1) == 100  # beside it: a 'sum' request the random model never ends joins the next retrain
+    seen: set[float] = set()
+    while long.is_alive():
+        metrics = httpx.get(srv.base_url + "/metrics").text
+        seen.add(_gauge(metrics, "magnus_predictor_retraining"))
+        assert _gauge(metrics, "magnus_predictor_retrains") == 0  # never while the request runs
+        time.sleep(0.1)
+    long.join()
+    assert 4.0 in seen  # it was due and waited
+    deadline = time.monotonic() + 120
+    while _gauge(httpx.get(srv.base_url + "/metrics").text, "magnus_predictor_retrains") < 1:
+        assert time.monotonic() < deadline, "no retrain once the workers were idle"
+        time.sleep(0.2)
 
 
 def test_cli_trains_and_evaluates_the_probe_form_and_a_server_predicts_with_it(
