@@ -23,7 +23,7 @@ from predictor.evaluate import evaluate_groups, finalize, repredict_report, yard
 from predictor.features import FeatureExtractor
 from predictor.forest import TARGETS, ForestParams, LengthForest
 from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
-from predictor.probe import PromptProbe, layer_of
+from predictor.probe import PromptProbe, default_layer, default_state_layer, layer_of
 from predictor.probe_mixture import ProbeMixture, probe_inputs, probe_rows
 from predictor.repredict import HeadRow, fit_from_training_set
 from predictor.trainset import TrainingSet
@@ -112,15 +112,17 @@ def _probe_args(p: argparse.ArgumentParser, resolve_model: ModelResolver | None)
                        "a model spec as `magnus serve --model` takes, e.g. default" if resolve_model
                        else "its transformers directory") + ")")
     p.add_argument("--probe-layer", type=int, default=None,
-                   help="decoder layers run by the probe (default: just past the middle); the head states' layer")
+                   help="decoder layers run by the probe (default: just past the middle); the head states' layer "
+                        "(default for the other forms: two thirds deep)")
     p.set_defaults(resolve_model=resolve_model)
 
 
-def _probe(args: argparse.Namespace, served_model: str | None, layer: int | None) -> PromptProbe:
+def _probe(args: argparse.Namespace, served_model: str | None, layer: int | None,
+           default: Callable[[int], int] = default_layer) -> PromptProbe:
     if not args.probe_model or not served_model:
         raise SystemExit("form probe needs --probe-model and the served model's name (--served-model)")
     where = args.resolve_model(args.probe_model) if args.resolve_model else args.probe_model
-    return PromptProbe(where, served_model, layer, threads=args.threads)
+    return PromptProbe(where, served_model, layer, threads=args.threads, default=default)
 
 
 def _model_rows(model: Any, rows: Sequence[Row], embedder: Embedder, probe: PromptProbe | None) -> np.ndarray:
@@ -200,7 +202,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # form probe: the prompt features; with first tokens (any form given --probe-model), their head
     # states too, from the same forward (the re-predictor learns from them)
     wants_probe = args.form == "probe" or (args.heads and args.probe_model and args.form != "paper")
-    probe = _probe(args, args.served_model, args.probe_layer) if wants_probe else None
+    probe = _probe(args, args.served_model, args.probe_layer,
+                   default_layer if args.form == "probe" else default_state_layer) if wants_probe else None
     Z = H = None
     if probe is not None:
         Z, H = probe.encode_with_heads([r.app_text for r in fit_rows], [r.user_text for r in fit_rows],

@@ -14,7 +14,7 @@ Blocking and thread-safe (one lock around the model): call it from a worker thre
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,14 @@ from predictor.types import CHECKPOINTS
 def default_layer(num_layers: int) -> int:
     """The depth probed when none is configured: just past the middle (16 of 30)."""
     return max(1, min(num_layers, num_layers // 2 + 1))
+
+
+def default_state_layer(num_layers: int) -> int:
+    """The depth whose head states the re-predictor of the mixture and paper forms reads when none
+    is configured: two thirds deep (20 of 30). On the default model's document split it ranked
+    runaways better than 16, 24 or 30 (``bench/results/predictor_eval_mixture_states.md``). The
+    probe form reads its probe's layer: the probe's one forward gives the training rows' states."""
+    return max(1, min(num_layers, round(num_layers * 2 / 3)))
 
 
 def probe_name(served_model: str, layer: int) -> str:
@@ -56,14 +64,15 @@ class PromptProbe:
     """
 
     def __init__(self, model_dir: str, served_model: str, layer: int | None = None, device: str = "cpu",
-                 batch_size: int = 8, max_tokens: int = 1024, threads: int | None = None) -> None:
+                 batch_size: int = 8, max_tokens: int = 1024, threads: int | None = None,
+                 default: Callable[[int], int] = default_layer) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         base = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
         n = int(base.config.num_hidden_layers)
-        self.layer = default_layer(n) if layer is None else int(layer)
+        self.layer = default(n) if layer is None else int(layer)
         if not 1 <= self.layer <= n:
             raise ValueError(f"probe layer must be in 1..{n}, got {self.layer}")
         layers = getattr(base, "layers", None)

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from predictor.probe import default_layer
+from predictor.probe import default_layer, default_state_layer
 from scheduler.factory import policy_class
 from service.settings import Settings
 from worker.loader import load_tokenizer, materialize, pick_device, pick_dtype, resolve
@@ -106,8 +106,10 @@ def worker_configs(settings: Settings, info: ModelInfo) -> list[WorkerConfig]:
 
 def state_layer(settings: Settings, info: ModelInfo, needs_prediction: bool, mode: str) -> int | None:
     """The decoder layer whose head states an iteration worker reports: for a predictive policy on
-    the iteration runner (its re-predictor reads them), the probe layer (``--predictor-probe-layer``
-    or the default depth), whatever the predictor's form; else None (nothing captured)."""
+    the iteration runner (its re-predictor reads them), ``--predictor-probe-layer`` if given, else
+    the probe's default depth for the probe form and ``default_state_layer`` for the others; else
+    None (nothing captured)."""
     if not needs_prediction or mode != "iteration" or not settings.head_states:
         return None
-    return settings.predictor_probe_layer or default_layer(int(info.config.num_hidden_layers))
+    default = default_layer if settings.predictor_form == "probe" else default_state_layer
+    return settings.predictor_probe_layer or default(int(info.config.num_hidden_layers))

@@ -321,3 +321,21 @@ def test_cli_trains_and_evaluates_the_probe_form_and_a_server_predicts_with_it(
         assert health.get("status") == "error" and "learned for served model 'tiny'" in health["detail"]
     finally:
         bad.stop()
+
+
+def test_the_reported_head_state_layer_follows_the_form() -> None:
+    """Two thirds deep (20 of 30) for the mixture and paper forms, the probe's depth (16) for the
+    probe form, an explicit --predictor-probe-layer for all; none off the iteration runner."""
+    from types import SimpleNamespace
+
+    from service.model import state_layer
+    from service.settings import Settings
+
+    info = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=30))
+    assert state_layer(Settings(policy="pcb"), info, True, "iteration") == 20
+    assert state_layer(Settings(policy="pcb", predictor_form="paper"), info, True, "iteration") == 20
+    assert state_layer(Settings(policy="pcb", predictor_form="probe"), info, True, "iteration") == 16
+    assert state_layer(Settings(policy="pcb", predictor_probe_layer=12), info, True, "iteration") == 12
+    assert state_layer(Settings(policy="pcb"), info, True, "static") is None
+    assert state_layer(Settings(policy="pcb", head_states=False), info, True, "iteration") is None
+    assert state_layer(Settings(policy="ccb"), info, False, "iteration") is None
