@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction, resolve_model: ModelResolver | Non
                    help="mixture, probe: also train the re-predictor on these rows' first generated tokens "
                         "(JSONL id, head_ids: python -m bench.prefix); with --probe-model, on the served "
                         "model's head states too (what an iteration worker reports while decoding)")
+    t.add_argument("--user-embedding", action="store_true",
+                   help="mixture: also read the user text's embedding (off: only the application's, cached; "
+                        "a prediction then embeds no user text)")
     t.add_argument("--embedder", default="default",
                    help="'default' (bundled all-MiniLM-L6-v2), sentence-transformers/LaBSE, a path or hub id")
     t.add_argument("--device", default="cpu", help="embedder device (default: cpu)")
@@ -220,7 +223,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         forest = LengthForest.fit(train, params, show_progress=True)
     else:
         form = ProbeMixture if args.form == "probe" else RunawayMixture
-        forest = form.fit(train, MixtureParams(quantile=args.quantile, seed=args.seed, n_jobs=args.n_jobs))
+        forest = form.fit(train, MixtureParams(quantile=args.quantile, seed=args.seed, n_jobs=args.n_jobs,
+                                               user_embedding=args.user_embedding))
         if args.heads:
             assert forest.oob is not None
             forest.repredictor = fit_from_training_set(train, forest.oob, args.quantile, args.seed, min_rows=1)

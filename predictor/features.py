@@ -75,12 +75,16 @@ class FeatureExtractor:
         user_texts: Sequence[str],
         input_tokens: Sequence[int] | np.ndarray,
         show_progress: bool = False,
+        user: bool = True,
     ) -> np.ndarray:
-        """Feature matrix ``(n, 21)``; blocking (runs the embedding model)."""
+        """Feature matrix ``(n, 21)``; blocking (runs the embedding model). ``user=False``: the user
+        texts are not embedded (their 16 values are 0), for a model that does not read them."""
         if not (len(app_texts) == len(user_texts) == len(input_tokens)):
             raise ValueError("app_texts, user_texts and input_tokens must have the same length")
         if len(user_texts) == 0:
             return np.zeros((0, N_FEATURES), dtype=np.float32)
         v_app = self.embedder.encode_cached([t or "" for t in app_texts])
+        if not user:
+            return build_features(np.zeros((len(user_texts), v_app.shape[1])), v_app, input_tokens)
         v_user = self.embedder.encode([t or "" for t in user_texts], show_progress=show_progress)
         return build_features(v_user, v_app, input_tokens)

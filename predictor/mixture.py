@@ -8,7 +8,10 @@ the runaway probability and ``G`` the regressor's log-normal-like distribution o
 (its centre from a forest on log length, its spread the out-of-bag residuals). The point estimate
 is the mixture's median (the MAE-optimal guess), the high estimate its ``q`` quantile with ``q``
 calibrated on the training rows' out-of-bag predictions so that the share covered is the nominal
-quantile (split-conformal style). Features: the paper's 21 plus ``max_tokens`` and log input.
+quantile (split-conformal style). Features: the paper's 21 plus ``max_tokens`` and log input; the
+user text's 16 embedding values only with ``MixtureParams.user_embedding`` (off by default: on the
+document split they made the MAE worse, 121 against 111 tokens, and embedding each arriving user
+text is the predictor's main cost; ``bench/results/predictor_eval.md``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import sklearn
 from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 
-from predictor.features import INPUT_TOKENS_COL
+from predictor.features import D_USER, INPUT_TOKENS_COL
 from predictor.trainset import TrainingSet, check_compatible
 
 _FORMAT = "magnus-length-mixture"
@@ -40,6 +43,7 @@ class MixtureParams:
     quantile: float = 0.9  # nominal level of the high estimate (calibrated on the training rows)
     seed: int = 0
     n_jobs: int = 1
+    user_embedding: bool = False  # read the user text's embedding (form mixture; the application's always)
 
     def __post_init__(self) -> None:
         if self.n_estimators < 2 or self.min_samples_leaf < 1:
@@ -78,6 +82,13 @@ def design(X: np.ndarray, max_tokens: np.ndarray) -> np.ndarray:
     X = np.asarray(X, dtype=np.float64)
     caps = np.asarray(max_tokens, dtype=np.float64).reshape(-1, 1)
     return np.hstack([X, caps, np.log1p(np.maximum(X[:, [INPUT_TOKENS_COL]], 0.0))]).astype(np.float32)
+
+
+def without_user(F: np.ndarray) -> np.ndarray:
+    """Design rows with the user-embedding values zeroed (a forest never splits on a constant)."""
+    F = np.array(F, dtype=np.float32)
+    F[:, :D_USER] = 0.0
+    return F
 
 
 def mixture_quantile(q: float, p: np.ndarray, mu: np.ndarray, resid: np.ndarray,
@@ -121,6 +132,15 @@ class RunawayMixture:
     def quantile(self) -> float:
         return float(self.meta.params["quantile"])
 
+    @property
+    def reads_user_embedding(self) -> bool:
+        """Whether the user text's embedding is among its features (files from before the
+        setting existed: yes). Without it, a prediction embeds no user text."""
+        return bool(self.meta.params.get("user_embedding", True))
+
+    def _masked(self, F: np.ndarray) -> np.ndarray:
+        return F if self.reads_user_embedding else without_user(F)
+
     @classmethod
     def fit(cls, train: TrainingSet, params: MixtureParams) -> RunawayMixture:
         """Fit on ``train`` (blocking); censored rows (length at max_tokens) only teach the classifier."""
@@ -129,6 +149,8 @@ class RunawayMixture:
         assert train.max_tokens is not None
         run = train.censored
         F = cls.design_of(train)
+        if not params.user_embedding:
+            F = without_user(F)
         y = train.y.astype(np.float64)
         if 0 < run.sum() < len(run):
             clf: Any = RandomForestClassifier(
@@ -190,7 +212,7 @@ class RunawayMixture:
         if len(X) == 0:
             return np.zeros(0), np.zeros(0), np.zeros(0)
         caps = np.asarray(max_tokens, dtype=np.float64)
-        F = self.design(X, caps)
+        F = self._masked(self.design(X, caps))
         p = self.runaway_probability(F)
         mu = self.regressor.predict(F)
         caps = np.where(caps > 0, caps, np.inf)

@@ -66,6 +66,7 @@ class PredictorConfig:
     app_cache_size: int = 1024  # LRU entries for application-text embeddings
     served_model: str | None = None  # the served LLM; learned state for another one is not reused
     retrain_in_subprocess: bool = False  # fit in a spawned child at nice 19 (the server), not on a thread
+    user_embedding: bool = False  # form mixture: read the user text's embedding (predictor.mixture)
     # with a ``busy`` hook (the server: its workers have requests), a due retrain waits for idle
     # workers, and its child is paused while they are busy, at most this long after it fell due
     max_defer_s: float = 0.0
@@ -90,7 +91,8 @@ class PredictorConfig:
         if self.form == "paper":
             return LengthForest.fit(train, self.forest_params())
         form = ProbeMixture if self.form == "probe" else RunawayMixture
-        return form.fit(train, MixtureParams(quantile=self.quantile, seed=self.seed, n_jobs=self.n_jobs))
+        return form.fit(train, MixtureParams(quantile=self.quantile, seed=self.seed, n_jobs=self.n_jobs,
+                                             user_embedding=self.user_embedding))
 
     def forest_params(self) -> ForestParams:
         return ForestParams(n_estimators=self.n_estimators, max_depth=self.max_depth,
@@ -296,8 +298,8 @@ class LengthPredictor:
         if model.form == "probe":
             assert self.probe is not None  # a probe model is only kept with its probe
             X = probe_inputs(self.probe, apps, users, tokens)
-        else:
-            X = self._features.transform(apps, users, tokens)
+        else:  # the paper's forest reads the user text's embedding; the mixture by its setting
+            X = self._features.transform(apps, users, tokens, user=getattr(model, "reads_user_embedding", True))
         caps = np.array([it.max_tokens for it in items], dtype=np.float64)
         point, high, p_run = model.predict_lengths(X, caps, self.cfg.quantile if model.form == "paper" else None)
         with self._lock:

@@ -47,6 +47,9 @@ class ProbeMixture(RunawayMixture):
     form = "probe"
     FORMAT = "magnus-length-probe"
 
+    def _masked(self, F: np.ndarray) -> np.ndarray:
+        return F  # its features are the probe's, no sentence embedding
+
     @staticmethod
     def design(X: np.ndarray, max_tokens: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)

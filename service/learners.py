@@ -178,6 +178,7 @@ def _predictor(settings: Settings, served_model: str, model_dir: str, layer: int
         train_set_path=str(settings.state_dir / "predictor_trainset.npz"),
         retrain_interval_s=settings.predictor_interval_s,
         max_defer_s=settings.predictor_max_defer_s,
+        user_embedding=settings.predictor_user_embedding,
         served_model=served_model,
         probe_model_dir=model_dir,
         probe_layer=settings.predictor_probe_layer,

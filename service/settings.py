@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     predictor_probe_layer: int | None = Field(None, ge=1, description="predictor form 'probe': decoder layers of the served model run per prompt (default: just past the middle); also the layer whose head states an iteration worker reports (default for the other forms: two thirds deep)")
     head_states: bool = Field(True, description="predictive policies on the iteration runner: the worker reports the mean hidden state of the probe layer at each re-prediction checkpoint, and the re-predictor learns runaways from them (no extra forward)")
     prediction_scale: float = Field(1.0, gt=0, description="fault injection: every length prediction (point and high) is multiplied by this before scheduling, to test wrong predictions (1 = off)")
+    predictor_user_embedding: bool = Field(False, description="predictor form 'mixture' learned by the server: also read the user text's sentence embedding (off: only the application text's, cached, so a prediction embeds nothing new; the paper form always reads it)")
     predictor_interval_s: float = Field(180.0, description="continual learning period of the length predictor")
     predictor_max_defer_s: float = Field(1800.0, ge=0, description="the longest a due retrain of the length predictor waits for the workers to be idle (no request running or waiting); its fit, in a child process, is paused while they are busy until then (0: retrain whenever due)")
     estimator_interval_s: float = Field(120.0, description="continual learning period of the batch-time estimator")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from predictor.features import INPUT_TOKENS_COL, N_FEATURES
+from predictor.features import D_USER, INPUT_TOKENS_COL, N_FEATURES
 from predictor.head import HEAD_FEATURES, head_features
 from predictor.mixture import MixtureParams, RunawayMixture, load_length_model
 from predictor.repredict import HeadRow, Repredictor
@@ -18,13 +18,15 @@ from scheduler.memory import MemoryModel
 from scheduler.pcb import PredictiveContinuousPolicy, remaining_tokens
 from scheduler.request import Request
 
+APP_COL = D_USER  # the first application-embedding value (the user text's are not read by default)
+
 
 def synthetic(n: int, rng: np.random.Generator, cap: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Two applications (feature 0 = 0 or 1): app 1 runs away with probability 0.7, app 0 with 0.1;
+    """Two applications (feature APP_COL = 0 or 1): app 1 runs away with probability 0.7, app 0 with 0.1;
     ended lengths log-normal around 5 x input length (sigma 0.3)."""
     X = rng.normal(size=(n, N_FEATURES)).astype(np.float32)
     app = rng.integers(0, 2, n)
-    X[:, 0] = app
+    X[:, APP_COL] = app
     X[:, INPUT_TOKENS_COL] = rng.integers(5, 40, n)
     ended = np.exp(np.log(5 * X[:, INPUT_TOKENS_COL]) + rng.normal(0, 0.3, n))
     run = rng.random(n) < np.where(app == 1, 0.7, 0.1)
@@ -41,7 +43,7 @@ def fitted(n: int = 600, seed: int = 0) -> RunawayMixture:
 def test_censored_rows_are_lower_bounds_not_lengths() -> None:
     model = fitted()
     X, y, _ = synthetic(400, np.random.default_rng(1))
-    X[:, 0] = 1  # the runaway-prone application
+    X[:, APP_COL] = 1  # the runaway-prone application
     # asked again with a larger max_tokens: a length that hit 300 was only a lower bound, so the
     # mixture predicts the new cap, not 300 (a regressor on the censored lengths would say ~300)
     point, high, p = model.predict_lengths(X, np.full(400, 1000.0))
@@ -52,7 +54,7 @@ def test_censored_rows_are_lower_bounds_not_lengths() -> None:
                                                    np.log1p(X[:, [INPUT_TOKENS_COL]])]).astype(np.float32)))
     assert 0.7 < np.median(mu / (5 * X[:, INPUT_TOKENS_COL])) < 1.3
     # and on app 0 (rarely runs away) the point is the ended length, far below the cap
-    X[:, 0] = 0
+    X[:, APP_COL] = 0
     point0, _, p0 = model.predict_lengths(X, np.full(400, 300.0))
     assert p0.mean() < 0.3 and np.median(point0) < 250
 
@@ -209,3 +211,16 @@ def test_core_repredicts_at_checkpoints_and_pcb_uses_it() -> None:
     assert hook.calls == [["a"], ["a"]]
     assert req.head_ids == list(range(16))
     assert remaining_tokens(req) == 256 - 80  # outgrew the re-predicted high: a likely runaway
+
+
+def test_a_file_from_before_the_user_embedding_setting_reads_it() -> None:
+    """Mixture files written before ``user_embedding`` existed were fitted on the user text's
+    embedding, so they still read it; new ones record the setting (off by default)."""
+    model = fitted(100)
+    assert model.meta.params["user_embedding"] is False and not model.reads_user_embedding
+    X, _, caps = synthetic(50, np.random.default_rng(3))
+    noisy = X.copy()
+    noisy[:, :D_USER] = 1e6  # the user values do not reach the forests
+    np.testing.assert_array_equal(model.predict_lengths(X, caps)[0], model.predict_lengths(noisy, caps)[0])
+    del model.meta.params["user_embedding"]
+    assert model.reads_user_embedding

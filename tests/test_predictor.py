@@ -271,6 +271,7 @@ def test_background_retrain_swaps_without_blocking_predict(embedder: Embedder) -
             assert p.source == "mixture"  # the default form
             if phase_before == 2 and pred.stats()["retraining"] == 2:
                 during_fit.append(took)  # started and finished while the new forest was fitting
+            time.sleep(0.01)  # arrivals, not a busy loop: one holding the GIL starves the retrain's embedding
         assert pred.stats()["retrains"] == 2 and pred._model is not first
         assert pred.stats()["train_size"] == 150
         assert during_fit, "no prediction completed while the forest was being fitted"
@@ -537,4 +538,37 @@ def test_a_due_retrain_waits_for_idle_workers_and_its_child_pauses_while_they_ar
         assert pred.retrain_if_due(900.0) is False
         assert pred.retrain_if_due(1950.0) is True and pred.stats()["retrains"] == 3
     finally:
+        pred.stop()
+
+
+def test_the_mixture_embeds_no_user_text_unless_configured(embedder: Embedder, tmp_path: Path) -> None:
+    """By default the mixture reads only the application text's (cached) embedding: a prediction
+    embeds nothing and does not depend on the user text; with ``user_embedding`` it embeds the user
+    texts. The setting is recorded in the model file."""
+    rows = make_rows(40, seed=2)
+    a = to_input(rows[1])
+    b = dataclasses.replace(a, user_text="a completely different request about something else")
+    for user_embedding in (False, True):
+        pred = LengthPredictor(cfg(user_embedding=user_embedding, model_path=str(tmp_path / f"{user_embedding}.joblib")),
+                               embedder=embedder)
+        for r in rows:
+            pred.observe(to_input(r), r["output_tokens"], None)
+        assert pred.retrain_if_due(0.0)
+        assert load_length_model(tmp_path / f"{user_embedding}.joblib").reads_user_embedding is user_embedding
+        embedded: list[str] = []
+        real = embedder.encode
+
+        def spy(texts, seen=embedded, encode=real, **kw):
+            seen.extend(texts)
+            return encode(texts, **kw)
+
+        embedder.encode = spy  # type: ignore[method-assign]
+        try:
+            pa, pb = pred.predict([a, b])
+        finally:
+            del embedder.encode  # the class's method again
+        if user_embedding:
+            assert embedded == [a.user_text, b.user_text]
+        else:
+            assert embedded == [] and pa == pb  # the application texts were cached at training
         pred.stop()
