@@ -11,7 +11,7 @@ calibrated on the training rows' out-of-bag predictions so that the share covere
 quantile (split-conformal style). Features: the paper's 21 plus ``max_tokens`` and log input; the
 user text's 16 embedding values only with ``MixtureParams.user_embedding`` (off by default: on the
 document split they made the MAE worse, 121 against 111 tokens, and embedding each arriving user
-text is the predictor's main cost; ``bench/results/predictor_eval.md``).
+text is the predictor's main cost; ``bench/results/predictor_eval_default.md``).
 """
 
 from __future__ import annotations
