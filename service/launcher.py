@@ -38,6 +38,18 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def metric(self, name: str, api_key: str | None = None, **labels: str) -> float:
+        """The value of one sample of ``/metrics`` with these labels (0 if absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        text = httpx.get(self.base_url + "/metrics", headers=headers, timeout=10).text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return s.value
+        return 0.0
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Signal the server (SIGTERM: graceful) and wait; kill it if it does not exit."""
         if self.proc.poll() is None:

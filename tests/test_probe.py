@@ -219,10 +219,6 @@ def _train_with_heads(form: str, tiny_model_dir: str, tmp_path: Path) -> Path:
     return tmp_path / "p.joblib"
 
 
-def _gauge(metrics: str, name: str) -> float:
-    return float(re.search(rf"^{name} (\S+)$", metrics, re.M).group(1))
-
-
 @pytest.mark.parametrize("form", ["probe", "mixture"])
 def test_a_pcb_server_repredicts_from_the_workers_head_states(form: str, tiny_model_dir: str, tmp_path: Path,
                                                               server_factory) -> None:
@@ -240,9 +236,8 @@ def test_a_pcb_server_repredicts_from_the_workers_head_states(form: str, tiny_mo
                                              messages=[{"role": "system", "content": r["instruction"]},
                                                        {"role": "user", "content": r["input"]}])
         assert out.usage.completion_tokens == 40  # the random model does not end: checkpoints 8..32 pass
-    metrics = httpx.get(srv.base_url + "/metrics").text
-    with_state = _gauge(metrics, "magnus_predictor_repredictions_with_state")
-    total = _gauge(metrics, "magnus_predictor_repredictions")
+    with_state = srv.metric("magnus_predictor_repredictions_with_state")
+    total = srv.metric("magnus_predictor_repredictions")
     assert with_state >= 2 and with_state == total  # every re-prediction had the worker's head state
 
 
@@ -267,14 +262,13 @@ def test_a_server_retrains_its_predictor_only_while_its_workers_are_idle(tiny_mo
     assert ask(100, 1) == 100  # beside it: a 'sum' request the random model never ends joins the next retrain
     seen: set[float] = set()
     while long.is_alive():
-        metrics = httpx.get(srv.base_url + "/metrics").text
-        seen.add(_gauge(metrics, "magnus_predictor_retraining"))
-        assert _gauge(metrics, "magnus_predictor_retrains") == 0  # never while the request runs
+        seen.add(srv.metric("magnus_predictor_retraining"))
+        assert srv.metric("magnus_predictor_retrains") == 0  # never while the request runs
         time.sleep(0.1)
     long.join()
     assert 4.0 in seen  # it was due and waited
     deadline = time.monotonic() + 120
-    while _gauge(httpx.get(srv.base_url + "/metrics").text, "magnus_predictor_retrains") < 1:
+    while srv.metric("magnus_predictor_retrains") < 1:
         assert time.monotonic() < deadline, "no retrain once the workers were idle"
         time.sleep(0.2)
 

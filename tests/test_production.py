@@ -26,7 +26,6 @@ import numpy as np
 import openai
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.factory import make_policy
 from scheduler.request import Request
@@ -42,13 +41,8 @@ KEY = "sk-test-key-1"
 
 # ---- helpers -------------------------------------------------------------------------------------
 def metric(srv: Server, name: str, **labels: str) -> float:
-    """The value of one sample of /metrics (0 if absent)."""
-    text = httpx.get(srv.base_url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
+    """The value of one sample of /metrics (0 if absent), read with the test key."""
+    return srv.metric(name, api_key=KEY, **labels)
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
