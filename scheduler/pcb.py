@@ -79,6 +79,15 @@ class _WorkerBudget:
         return sum(self.reserved.values())
 
 
+#: Default running cap per worker, the one every pcb measurement on the development CPU ran at.
+#: Throughput still rises past it there (1.36x from 32 to 64 rows, ``bench/results/decode_cap_cpu.md``)
+#: at 1.3x the step time: a latency/throughput trade-off, set with ``--max-batch-size``.
+MAX_RUNNING = 32
+#: On a GPU: vLLM's default ``max_num_seqs``. Not measured on a real GPU here; the simulated V100 and
+#: H100 runs (``bench/results/sim_pcb_paper.md``) showed a cap of 32 leaving their throughput unused.
+MAX_RUNNING_CUDA = 256
+
+
 class PredictiveContinuousPolicy(Policy):
     """Length-aware admission, order and preemption for an iteration-level worker."""
 
@@ -90,7 +99,7 @@ class PredictiveContinuousPolicy(Policy):
     def __init__(
         self,
         memory: MemoryModel | None = None,
-        max_batch_size: int = 32,
+        max_batch_size: int = MAX_RUNNING,
         reserve: str = "high",
         starvation_s: float = 300.0,
         swap_factor: float = 8.0,

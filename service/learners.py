@@ -52,10 +52,10 @@ def memory_model(settings: Settings, info: ModelInfo, profile: ModelProfile, wor
     return MemoryModel.for_device(profile.delta, free, profile.weight_bytes, reserve_frac=settings.mem_reserve_frac)
 
 
-def policy_settings(settings: Settings) -> PolicySettings:
+def policy_settings(settings: Settings, device: str = "cpu") -> PolicySettings:
     return PolicySettings(
         name=settings.policy, batch_size=settings.batch_size, max_wait=settings.max_wait, phi=settings.phi,
-        max_batch_size=settings.max_batch_size, estimator_interval_s=settings.estimator_interval_s,
+        max_batch_size=settings.running_cap(device), estimator_interval_s=settings.estimator_interval_s,
         reserve=settings.reserve, swap_factor=settings.swap_factor,
     )
 
@@ -148,7 +148,7 @@ def build(settings: Settings, info: ModelInfo) -> Learners:
     model = ModelProfile.from_config(info.config, dtype_bytes=info.dtype_bytes, name=info.name)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     sched = build_scheduler(
-        policy_settings(settings), model, get_hardware(hardware_for(info.device)),
+        policy_settings(settings, info.device), model, get_hardware(hardware_for(info.device)),
         memory=memory_model(settings, info, served_profile(settings.policy, model),
                             workers=1 if info.device.startswith("cuda") else max(settings.num_workers, 1)),
         estimator_path=settings.state_dir / "estimator.json",

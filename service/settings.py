@@ -10,6 +10,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from scheduler.pcb import MAX_RUNNING as PCB_MAX_RUNNING
+from scheduler.pcb import MAX_RUNNING_CUDA as PCB_MAX_RUNNING_CUDA
+
 DATA_DIR = Path.home() / ".cache" / "magnus"
 
 
@@ -40,11 +43,11 @@ class Settings(BaseSettings):
     worker_threads: int = Field(0, description="torch threads per CPU worker (0: torch default)")
     kv_headroom: int = Field(64, ge=0, description="spare KV-cache columns per layer that decode steps write in place (our runners); 0: transformers' cache, which copies the whole cache every step")
     # scheduling
-    policy: Literal["vs", "vsq", "ccb", "pcb", "glp", "abp", "magnus"] = Field("magnus", description="batching policy")
+    policy: Literal["vs", "vsq", "ccb", "pcb", "glp", "abp", "magnus"] = Field("pcb", description="batching policy (pcb: predictive continuous batching; magnus: the paper's static pipeline)")
     batch_size: int = Field(8, description="fixed batch size (vs, vsq, glp) / sanity cap")
     batch_exit: Literal["early", "literal"] = Field("early", description="static batches: early = a request returns, and its row leaves the batch, the step it ends; literal = the paper's static batch: every row runs and returns when the longest one ends")
     max_wait: float = Field(0.05, description="seconds a partial batch may wait for companions (vs)")
-    max_batch_size: int = Field(64, description="sanity cap on adaptive batch sizes (abp, magnus); most running requests per worker (ccb, pcb)")
+    max_batch_size: int | None = Field(None, ge=1, description="sanity cap on adaptive batch sizes (abp, magnus); most running requests per worker (ccb, pcb). Default: for pcb 32 on CPU (where every pcb measurement ran, bench/results/decode_cap_cpu.md) and 256 on CUDA (vLLM's max_num_seqs); 64 for the others")
     continuous_runner: Literal["auto", "transformers", "iteration"] = Field("auto", description="continuous policies' worker: transformers' continuous batching manager, or magnus' own iteration-level runner (per-request sampling, preemption); auto: ccb on transformers, pcb on its own")
     reserve: Literal["high", "point", "max"] = Field("high", description="pcb: generation tokens a running request reserves in memory: the predictor's high estimate, its point estimate, or max_tokens (as ccb)")
     swap_factor: float = Field(8.0, description="pcb: a running request is preempted for a waiting one whose predicted work is this many times smaller (0: never)")
@@ -81,6 +84,14 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(4 * 1024 * 1024, description="largest request body; larger ones get 413")
     request_timeout_s: float = Field(0.0, description="per-request deadline from arrival to the last token; past it 504 and the request is cancelled (0: none, as in vLLM; the Docker image sets 600)")
     shutdown_timeout_s: float = Field(30.0, description="on SIGTERM: how long waiting requests may still be served before they get 503; running batches always finish")
+
+    def running_cap(self, device: str = "cpu") -> int:
+        """``max_batch_size``, or when it is not set the policy's default on ``device``."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        if self.policy == "pcb":
+            return PCB_MAX_RUNNING_CUDA if device.startswith("cuda") else PCB_MAX_RUNNING
+        return 64
 
     @field_validator("batch_size", "port", "max_request_bytes")
     @classmethod

@@ -238,6 +238,22 @@ def test_api_key_settings_from_env_and_cli(monkeypatch: pytest.MonkeyPatch) -> N
     assert Settings().api_keys == [] and Settings().host == "127.0.0.1"
 
 
+def test_default_policy_and_its_running_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pcb is the default; its running cap defaults per device, other policies keep 64, a set cap wins."""
+    from magnus.cli import build_parser
+    from service.settings import from_args
+
+    assert Settings().policy == "pcb"
+    assert Settings().running_cap("cpu") == 32 and Settings().running_cap("cuda:1") == 256
+    assert Settings(policy="magnus").running_cap("cuda") == 64 and Settings(policy="ccb").running_cap() == 64
+    monkeypatch.setenv("MAGNUS_MAX_BATCH_SIZE", "12")
+    assert Settings().running_cap("cuda") == 12
+    s = from_args(build_parser().parse_args(["serve", "--policy", "magnus", "--max-batch-size", "5"]))
+    assert s.policy == "magnus" and s.running_cap() == 5
+    with pytest.raises(ValueError):
+        Settings(max_batch_size=0)
+
+
 def test_auth_guards_health_and_metrics_when_asked(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 

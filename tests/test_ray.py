@@ -113,3 +113,23 @@ def _metric(srv: Server, name: str) -> float:
 
 def _running(srv: Server) -> float:
     return _metric(srv, "magnus_running_requests")
+
+
+def test_the_default_policy_runs_on_ray_workers(cluster: dict, tiny_model_dir: str, tmp_path) -> None:
+    """pcb (the default, no policy named) on a Ray worker: requests join one running set and end."""
+    cluster["srv"].stop()  # its actor held the head's one CPU
+    srv = start_server(tmp_path / "pcb", tiny_model_dir, served_model_name="tiny", workers="ray",
+                       ray_address=cluster["ray"].address, worker_threads=1, step_delay_s=0.03)
+    try:
+        wait_for(lambda: [w["ready"] for w in health(srv)["workers"]] == [True], 180, "a pcb worker")
+        assert health(srv)["policy"] == "pcb"
+        rs = complete(srv, [f"request number {i} about the sea" for i in range(4)], 16)
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+        assert all(r.json()["usage"]["completion_tokens"] == 16 for r in rs)
+        with sqlite3.connect(srv.db_path) as db:
+            spans = db.execute("select dispatch, finish from requests where status = 'ok'").fetchall()
+            policies = {p for (p,) in db.execute("select distinct policy from batches")}
+        assert policies == {"pcb"} and len(spans) == 4
+        assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
+    finally:
+        srv.stop()
