@@ -99,7 +99,8 @@ class PromptProbe:
         return self.encode_with_heads(app_texts, user_texts, None)[0]
 
     def encode_with_heads(self, app_texts: Sequence[str], user_texts: Sequence[str],
-                          heads: Sequence[Sequence[int]] | None) -> tuple[np.ndarray, np.ndarray | None]:
+                          heads: Sequence[Sequence[int]] | None,
+                          checkpoints: Sequence[int] = CHECKPOINTS) -> tuple[np.ndarray, np.ndarray | None]:
         """``(Z, H)``: the prompts' features as ``encode`` gives them and, when the requests' first
         generated tokens ``heads`` are given, their head states ``(n, len(checkpoints), dim)``
         (``head_state_means``; NaN where a head is too short for a checkpoint), from one forward."""
@@ -108,9 +109,9 @@ class PromptProbe:
         if len(app_texts) != len(user_texts) or (heads is not None and len(heads) != len(app_texts)):
             raise ValueError("app_texts, user_texts (and heads) must have the same length")
         prompts = [self.prompt_ids(a or "", u or "") for a, u in zip(app_texts, user_texts, strict=True)]
-        tails = [[] for _ in prompts] if heads is None else [list(h)[:CHECKPOINTS[-1] - 1] for h in heads]
+        tails = [[] for _ in prompts] if heads is None else [list(h)[:checkpoints[-1] - 1] for h in heads]
         Z = np.zeros((len(prompts), self.dim), dtype=np.float32)
-        H = None if heads is None else np.full((len(prompts), len(CHECKPOINTS), self.dim), np.nan, dtype=np.float32)
+        H = None if heads is None else np.full((len(prompts), len(checkpoints), self.dim), np.nan, dtype=np.float32)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(tails[i]))  # little padding
         with self._lock:
             previous = torch.get_num_threads()
@@ -125,7 +126,7 @@ class PromptProbe:
                         row = states[j, states.shape[1] - n - t:]  # the row's tokens, padding cut
                         Z[i] = row[n - 1].numpy()
                         if H is not None:
-                            H[i] = head_state_means(row[n - 1:], len(tails[i]) + 1)
+                            H[i] = head_state_means(row[n - 1:], len(tails[i]) + 1, checkpoints)
             finally:
                 torch.set_num_threads(previous)
         return Z, H
@@ -147,16 +148,16 @@ class PromptProbe:
         return hs[self.layer].float().cpu()
 
 
-def head_state_means(states: Any, known: int) -> np.ndarray:
-    """The head state of each re-prediction checkpoint ``k`` (``CHECKPOINTS``): the mean of the probe
+def head_state_means(states: Any, known: int, checkpoints: Sequence[int] = CHECKPOINTS) -> np.ndarray:
+    """The head state of each re-prediction checkpoint ``k`` (``checkpoints``): the mean of the probe
     layer's states from the prompt's last token through generated token ``k - 1``, i.e. every state
     the model had computed when it had generated ``k`` tokens. ``states``: ``(known, dim)``, the
     prompt's last token first; a checkpoint past ``known`` states is NaN."""
     import torch
 
     csum = torch.cumsum(torch.as_tensor(states, dtype=torch.float32), dim=0)
-    out = np.full((len(CHECKPOINTS), csum.shape[1]), np.nan, dtype=np.float32)
-    for c, k in enumerate(CHECKPOINTS):
+    out = np.full((len(checkpoints), csum.shape[1]), np.nan, dtype=np.float32)
+    for c, k in enumerate(checkpoints):
         if k <= known:
             out[c] = (csum[k - 1] / k).numpy()
     return out
