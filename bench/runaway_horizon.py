@@ -21,6 +21,11 @@ tokens and scored on the test rows still running then (a runaway: ``output_token
 - **repeated 16-gram**, a looser marker of repetition: by k, the last 16 tokens had already occurred
   twice before; the same two shares.
 
+``--arrival-layers``: the same question at arrival, before any token is generated: a logistic
+regression on the request features (application, input length, ``max_tokens``) alone and with one
+layer's state of the chat prompt's last token (what the probe form reads) or its mean over the
+prompt's tokens, per layer (the last one after the model's final norm).
+
 TRAIN_HEADS / TEST_HEADS: ``python -m bench.prefix TRUTH OUT --k 128`` (greedy, the served model's
 chat prompt). A row whose regenerated head ends before k although its truth runs past k (batch
 numerics can change a greedy answer) is left out at that k and counted.
@@ -47,7 +52,7 @@ from sklearn.preprocessing import StandardScaler
 from predictor.cli import read_heads
 from predictor.data import Row, load_jsonl
 from predictor.head import head_features
-from predictor.probe import PromptProbe
+from predictor.probe import PromptProbe, chat_prompt
 from worker.loops import is_looping
 
 LOOP_FROM = 64  # the iteration worker checks for a loop once a row has this many tokens
@@ -96,10 +101,23 @@ def _shares(fired: Sequence[int | None], k: int, ran: np.ndarray) -> tuple[float
     return float(by[ran].mean()), float(by[~ran].mean())
 
 
+@dataclass
+class ArrivalAt:
+    """Runaway ranking at arrival over every test row, from the request features plus one layer's
+    view of the prompt (layer 0: the request features alone)."""
+
+    layer: int
+    auc_last: float  # with the state of the prompt's last token
+    auc_mean: float  # with the mean state over the prompt's tokens
+
+
+def _arrival_features(rows: Sequence[Row], apps: list[str]) -> np.ndarray:
+    return np.array([[float(r.app == a) for a in apps] + [np.log1p(r.input_tokens), float(r.max_tokens or 0)]
+                     for r in rows])
+
+
 def _request_features(rows: Sequence[Row], heads: dict[str, list[int]], k: int, apps: list[str]) -> np.ndarray:
-    return np.array([np.concatenate(([float(r.app == a) for a in apps],
-                                     [np.log1p(r.input_tokens), float(r.max_tokens or 0)],
-                                     head_features(heads[r.id][:k]))) for r in rows])
+    return np.hstack([_arrival_features(rows, apps), np.array([head_features(heads[r.id][:k]) for r in rows])])
 
 
 def _logistic(X: np.ndarray, y: np.ndarray, seed: int):
@@ -157,6 +175,58 @@ def horizon(train: Sequence[Row], test: Sequence[Row], heads: dict[str, list[int
     return out
 
 
+def prompt_states(model_dir: str, rows: Sequence[Row], layers: Sequence[int],
+                  max_tokens: int = 1024) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """``{layer: (last-token states, mean states)}`` of the rows' chat prompts (cut to their last
+    ``max_tokens`` tokens, as the probe cuts them), one unpadded forward per row."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    dim = int(model.config.hidden_size)
+    out = {lay: (np.zeros((len(rows), dim), np.float32), np.zeros((len(rows), dim), np.float32)) for lay in layers}
+    for i, r in enumerate(rows):
+        ids = tok.encode(chat_prompt(tok, r.app_text, r.user_text), add_special_tokens=False)[-max_tokens:]
+        with torch.inference_mode():
+            hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        for lay in layers:
+            out[lay][0][i] = hs[lay][0, -1].numpy()
+            out[lay][1][i] = hs[lay][0].mean(0).numpy()
+    return out
+
+
+def arrival(train: Sequence[Row], test: Sequence[Row], states: dict[int, tuple[np.ndarray, np.ndarray]],
+            seed: int = 0) -> list[ArrivalAt]:
+    """``ArrivalAt`` for the request features alone (layer 0) and each layer of ``states``
+    (rows: the training rows, then the test rows)."""
+    apps = sorted({r.app for r in train})
+    A = _arrival_features([*train, *test], apps)
+    y = np.array([r.output_tokens >= (r.max_tokens or 0) for r in (*train, *test)])
+    n = len(train)
+
+    def auc(X: np.ndarray) -> float:
+        return float(roc_auc_score(y[n:], _logistic(X[:n], y[:n], seed).predict_proba(X[n:])[:, 1]))
+
+    base = auc(A)
+    out = [ArrivalAt(0, base, base)]
+    for lay, (last, mean) in sorted(states.items()):
+        out.append(ArrivalAt(lay, auc(np.hstack([last, A])), auc(np.hstack([mean, A]))))
+        print(f"arrival: {out[-1]}", file=sys.stderr, flush=True)
+    return out
+
+
+def arrival_markdown(results: Sequence[ArrivalAt]) -> str:
+    lines = ["| at arrival, every test row | AUC: with the prompt's last token's state | AUC: with the mean over the prompt |",
+             "| --- | ---: | ---: |"]
+    for a in results:
+        if a.layer == 0:
+            lines.append(f"| application, input length, max_tokens alone | {a.auc_last:.3f} | - |")
+        else:
+            lines.append(f"| + layer {a.layer} | {a.auc_last:.3f} | {a.auc_mean:.3f} |")
+    return "\n".join(lines)
+
+
 def markdown(results: Sequence[HorizonAt], layer: int) -> str:
     lines = ["| after k tokens | test rows running | runaways among them | AUC: request + repetition | "
              f"AUC: head state (layer {layer}) | AUC: both | AUC: both, all rows | "
@@ -179,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ks", default="16,32,48,64,96,128", help="generated-token counts to measure at")
     ap.add_argument("--model", default="default", help="the served model (a `magnus serve --model` spec)")
     ap.add_argument("--layer", type=int, default=20, help="decoder layer of the head states")
+    ap.add_argument("--arrival-layers", default="",
+                    help="also rank at arrival with the prompt's states of these layers, e.g. 8,16,20,30")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the table (markdown) here")
     ap.add_argument("--json", help="write the results as JSON here")
@@ -194,8 +266,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{len(short)} rows have no head (e.g. {short[:3]})")
     if max(len(h) for h in heads.values()) < ks[-1]:
         raise SystemExit(f"the heads are shorter than k = {ks[-1]}: regenerate them with bench.prefix --k {ks[-1]}")
+    model_dir = materialize(resolve(a.model), Settings().cache_dir)
     t0 = time.perf_counter()
-    probe = PromptProbe(materialize(resolve(a.model), Settings().cache_dir), a.model, a.layer)
+    probe = PromptProbe(model_dir, a.model, a.layer)
     rows = [*train, *test]
     _, H = probe.encode_with_heads([r.app_text for r in rows], [r.user_text for r in rows],
                                    [heads[r.id] for r in rows], checkpoints=ks)
@@ -204,6 +277,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"head states of {len(rows)} rows in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     results = horizon(train, test, heads, states, ks, a.seed)
     table = markdown(results, a.layer)
+    at_arrival: list[ArrivalAt] = []
+    if a.arrival_layers:
+        t0 = time.perf_counter()
+        pstates = prompt_states(model_dir, rows, [int(x) for x in a.arrival_layers.split(",")])
+        print(f"prompt states of {len(rows)} rows in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        at_arrival = arrival(train, test, pstates, a.seed)
+        table += "\n\n" + arrival_markdown(at_arrival)
     print(table)
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
@@ -211,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump({"layer": a.layer, "ks": ks, "train_rows": len(train), "test_rows": len(test),
-                       "at": [asdict(r) for r in results]}, f, indent=1)
+                       "at": [asdict(r) for r in results], "arrival": [asdict(r) for r in at_arrival]}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ def _write(path: Path, recs: list[dict]) -> str:
 
 def _split(tmp_path: Path, name: str, n: int, seed: int) -> tuple[str, str]:
     """Truth and head files: half the rows run away and repeat a short phrase from token 10 on; the
-    others write distinct tokens and end at 200 (past every k measured)."""
+    others write distinct tokens and end at 200 (past every k measured). The runaways' inputs say
+    "again" where the others say "once"."""
     rng = np.random.default_rng(seed)
     truth, heads = [], []
     for i in range(n):
@@ -26,7 +27,7 @@ def _split(tmp_path: Path, name: str, n: int, seed: int) -> tuple[str, str]:
         start = [int(t) for t in rng.integers(1000, 9000, 10)]
         tail = [301, 302, 303] * 40 if runaway else [int(t) for t in rng.integers(1000, 9000, 120)]
         truth.append({"id": f"{name}-{i}", "app": "grammar_correction", "instruction": "Correct the grammar.",
-                      "input": f"sentence number {i} with some words", "max_tokens": 256,
+                      "input": f"say it {'again' if runaway else 'once'} number {i}", "max_tokens": 256,
                       "input_tokens": 7 + i % 5, "output_tokens": 256 if runaway else 200})
         heads.append({"id": f"{name}-{i}", "head_ids": (start + tail)[:128], "ended": False})
     return _write(tmp_path / f"{name}.jsonl", truth), _write(tmp_path / f"{name}_heads.jsonl", heads)
@@ -48,8 +49,9 @@ def test_horizon_ranks_runaways_that_repeat_and_counts_the_loop_detector(tiny_mo
     test, test_heads = _split(tmp_path, "test", 20, 1)
     out = tmp_path / "horizon.json"
     horizon_main([train, test, train_heads, test_heads, "--ks", "8,64", "--model", tiny_model_dir,
-                  "--layer", "1", "--json", str(out), "--out", str(tmp_path / "horizon.md")])
-    at = {a["k"]: a for a in json.loads(out.read_text())["at"]}
+                  "--layer", "1", "--arrival-layers", "1,2", "--json", str(out), "--out", str(tmp_path / "horizon.md")])
+    result = json.loads(out.read_text())
+    at = {a["k"]: a for a in result["at"]}
     assert at[8]["running"] == at[64]["running"] == 20 and at[64]["runaways"] == 10
     # after 64 tokens the repetition measures separate the two halves; after 8 nothing repeats yet
     assert at[64]["auc_request_repetition"] == 1.0
@@ -58,3 +60,9 @@ def test_horizon_ranks_runaways_that_repeat_and_counts_the_loop_detector(tiny_mo
     assert at[64]["repeat_recall"] == 1.0 and at[64]["repeat_false_flags"] == 0.0
     assert at[8]["loop_recall"] == at[8]["repeat_recall"] == 0.0
     assert "| 64 | 20 | 10 |" in (tmp_path / "horizon.md").read_text()
+    # at arrival the request features (one application, input lengths unrelated to the outcome) do not
+    # rank; the mean over the prompt sees the word that decides it, the last token (the assistant
+    # header, the same in every prompt) sees it only through attention
+    arrival = {a["layer"]: a for a in result["arrival"]}
+    assert sorted(arrival) == [0, 1, 2] and arrival[0]["auc_last"] < 0.8
+    assert arrival[1]["auc_mean"] == arrival[2]["auc_mean"] == 1.0
