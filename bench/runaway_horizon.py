@@ -1,7 +1,8 @@
 """How early a runaway can be told apart: ranking quality after k generated tokens, k up to 128.
 
     .venv/bin/python -m bench.runaway_horizon TRAIN.jsonl TEST.jsonl TRAIN_HEADS.jsonl TEST_HEADS.jsonl \
-        [--ks 16,32,48,64,96,128] [--model default] [--layer 20] [--out FILE.md] [--json FILE.json]
+        [--ks 16,32,48,64,96,128] [--model default] [--layer 20] [--arrival-layers 8,16,20,30] \
+        [--out FILE.md] [--json FILE.json]
 
 Issue 14 asks for a runaway ROC AUC of at least 0.95 after 32 generated tokens. This measures how
 the AUC grows with k on the document split, so the goal can be put next to what the served model's
@@ -46,7 +47,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from predictor.cli import read_heads
@@ -120,7 +121,7 @@ def _request_features(rows: Sequence[Row], heads: dict[str, list[int]], k: int, 
     return np.hstack([_arrival_features(rows, apps), np.array([head_features(heads[r.id][:k]) for r in rows])])
 
 
-def _logistic(X: np.ndarray, y: np.ndarray, seed: int):
+def _logistic(X: np.ndarray, y: np.ndarray, seed: int) -> Pipeline:
     """The L2 logistic regression whose penalty has the best 5-fold AUC on ``(X, y)``, refitted on all."""
     folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
     best = None
@@ -217,6 +218,7 @@ def arrival(train: Sequence[Row], test: Sequence[Row], states: dict[int, tuple[n
 
 
 def arrival_markdown(results: Sequence[ArrivalAt]) -> str:
+    """The at-arrival table of ``arrival``'s results."""
     lines = ["| at arrival, every test row | AUC: with the prompt's last token's state | AUC: with the mean over the prompt |",
              "| --- | ---: | ---: |"]
     for a in results:
@@ -228,6 +230,7 @@ def arrival_markdown(results: Sequence[ArrivalAt]) -> str:
 
 
 def markdown(results: Sequence[HorizonAt], layer: int) -> str:
+    """The table of ``horizon``'s results, one line per k (``layer``: the head states' layer)."""
     lines = ["| after k tokens | test rows running | runaways among them | AUC: request + repetition | "
              f"AUC: head state (layer {layer}) | AUC: both | AUC: both, all rows | "
              "loop detector: runaways flagged | rows that end, flagged | repeated 16-gram: runaways | "
