@@ -134,6 +134,11 @@ def _logistic(X: np.ndarray, y: np.ndarray, seed: int) -> Pipeline:
     return best[1].fit(X, y)
 
 
+def _ran(rows: Sequence[Row]) -> np.ndarray:
+    """Which rows ran away: answered until their ``max_tokens`` (a row without one never does)."""
+    return np.array([r.max_tokens is not None and r.output_tokens >= r.max_tokens for r in rows], dtype=bool)
+
+
 def _running(rows: Sequence[Row], heads: dict[str, list[int]], k: int) -> tuple[list[int], int]:
     """Indices of ``rows`` still running after ``k`` tokens whose head reaches k; rows left out."""
     live = [i for i, r in enumerate(rows) if r.output_tokens > k]
@@ -145,14 +150,15 @@ def horizon(train: Sequence[Row], test: Sequence[Row], heads: dict[str, list[int
             ks: Sequence[int], seed: int = 0) -> list[HorizonAt]:
     """``HorizonAt`` for each k in ``ks``; ``states[id]``: the row's head states at ``ks``."""
     apps = sorted({r.app for r in train})
-    ran_all = np.array([r.output_tokens >= (r.max_tokens or 0) for r in test])
+    ran_all = _ran(test)
+    loops = {r.id: first_loop(heads[r.id]) for r in test}  # where each marker first fires, once per row
+    repeats = {r.id: first_repeat(heads[r.id]) for r in test}
     out = []
     for c, k in enumerate(ks):
         tr, _ = _running(train, heads, k)
         te, left = _running(test, heads, k)
         rtr, rte = [train[i] for i in tr], [test[i] for i in te]
-        ytr = np.array([r.output_tokens >= (r.max_tokens or 0) for r in rtr])
-        yte = np.array([r.output_tokens >= (r.max_tokens or 0) for r in rte])
+        ytr, yte = _ran(rtr), ran_all[te]
         Ftr, Fte = _request_features(rtr, heads, k, apps), _request_features(rte, heads, k, apps)
         Str = np.stack([states[r.id][c] for r in rtr])
         Ste = np.stack([states[r.id][c] for r in rte])
@@ -164,8 +170,8 @@ def horizon(train: Sequence[Row], test: Sequence[Row], heads: dict[str, list[int
         score_all[te] = p_both
         keep_all = np.array([r.output_tokens <= k for r in test])  # rows left out at k stay out of it
         keep_all[te] = True
-        loop = _shares([first_loop(heads[r.id]) for r in rte], k, yte)
-        repeat = _shares([first_repeat(heads[r.id]) for r in rte], k, yte)
+        loop = _shares([loops[r.id] for r in rte], k, yte)
+        repeat = _shares([repeats[r.id] for r in rte], k, yte)
         out.append(HorizonAt(
             k=k, running=len(te), runaways=int(yte.sum()), left_out=left,
             auc_request_repetition=float(roc_auc_score(yte, p_req)), auc_state=float(roc_auc_score(yte, p_state)),
@@ -203,7 +209,7 @@ def arrival(train: Sequence[Row], test: Sequence[Row], states: dict[int, tuple[n
     (rows: the training rows, then the test rows)."""
     apps = sorted({r.app for r in train})
     A = _arrival_features([*train, *test], apps)
-    y = np.array([r.output_tokens >= (r.max_tokens or 0) for r in (*train, *test)])
+    y = _ran([*train, *test])
     n = len(train)
 
     def auc(X: np.ndarray) -> float:

@@ -22,7 +22,8 @@ async def health(state: StateDep) -> JSONResponse:
     workers = [{"pid": w.get("pid"), "device": w.get("device"), "ready": bool(w)}
                | ({"node_id": w["node_id"]} if "node_id" in w else {}) for w in state.engine.worker_info()]
     return JSONResponse({"status": "ok", "model": state.info.name if state.info else None,
-                         "policy": state.settings.policy, "max_batch_size": state.settings.running_cap(state.info.device if state.info else "cpu"),
+                         "policy": state.settings.policy,
+                         "max_batch_size": state.settings.running_cap(state.info.device if state.info else "cpu"),
                          "workers": workers, "pending": state.engine.pending})
 
 
